@@ -1,0 +1,16 @@
+"""leanseg: semantic segmentation that is lean in memory, size and time."""
+
+from leanseg.errors import CheckpointError, ConfigError, DataError, LeansegError
+from leanseg.models import build_model, list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "LeansegError",
+    "build_model",
+    "list_models",
+    "__version__",
+]
