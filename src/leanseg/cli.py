@@ -1,0 +1,223 @@
+"""``leanseg train | eval | predict``: one entry point; user errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from leanseg.errors import LeansegError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LeansegError as err:
+        print(f"leanseg: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("leanseg: interrupted (a resumable last.pt was written)", file=sys.stderr)
+        return 130
+
+
+def one_line(err: BaseException) -> str:
+    """The user-facing line of an error, also when a DataLoader worker wrapped it with a trace."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    last = lines[-1].strip()
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    return last.removeprefix(prefix) if len(lines) > 1 else last
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="leanseg", description="Lean semantic segmentation: train, evaluate, predict."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model (defaults: the built-in synthetic dataset)")
+    _config_args(train)
+    train.add_argument("--resume", metavar="RUN", help="continue a run directory (or its last.pt)")
+    train.add_argument(
+        "--stop-at", type=int, metavar="ITER", help="stop at this iteration, leaving a last.pt"
+    )
+    train.set_defaults(func=run_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the validation split")
+    _config_args(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, help="a best.pt or last.pt")
+    evaluate.add_argument("--out", help="also write the metrics as JSON to this file")
+    evaluate.set_defaults(func=run_eval)
+
+    predict = sub.add_parser("predict", help="write label maps for images")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    predict.add_argument("--checkpoint", required=True, help="a best.pt or last.pt")
+    predict.add_argument("-o", "--output-dir", default="predictions", help="where PNGs go")
+    predict.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for inference, e.g. --set eval.flip=true (repeatable)",
+    )
+    _progress_args(predict)
+    predict.set_defaults(func=run_predict)
+    return parser
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="YAML config (default: built-in defaults)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. train.iterations=500",
+    )
+    _progress_args(parser)
+
+
+def _progress_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress bars (default: when writing to a terminal)",
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from leanseg.config import load_config, to_yaml
+    from leanseg.engine.trainer import Trainer, model_summary
+
+    if args.resume:
+        run_dir, checkpoint = _resume_paths(Path(args.resume))
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        run_dir, checkpoint = _new_run_dir(cfg), None
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    print(f"run directory: {run_dir}", flush=True)
+    trainer = Trainer(cfg, run_dir, progress=args.progress)
+    print(model_summary(trainer.model), flush=True)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+        print(f"resumed at iteration {trainer.iteration} from {checkpoint}", flush=True)
+    metrics = trainer.fit(stop_at=args.stop_at)
+    if metrics is not None:
+        print(metrics.format_table(trainer.class_names))
+        (run_dir / "final_metrics.json").write_text(
+            json.dumps(metrics.to_dict(trainer.class_names), indent=2)
+        )
+    print(f"best val mIoU: {trainer.best_miou:.4f}")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _resume_paths(path: Path) -> tuple[Path, Path]:
+    from leanseg.errors import CheckpointError
+
+    run_dir = path if path.is_dir() else path.parent
+    checkpoint = path if path.is_file() else run_dir / "last.pt"
+    for needed in (run_dir / "config.yaml", checkpoint):
+        if not needed.is_file():
+            raise CheckpointError(f"cannot resume: '{needed}' not found; pass a run directory")
+    return run_dir, checkpoint
+
+
+def _new_run_dir(cfg) -> Path:
+    name = cfg.train.name or f"{cfg.model.name}_{cfg.data.dataset}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.train.work_dir) / f"{name}_{stamp}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def _checkpoint_config(payload: dict, config_path: str | None, overrides: list[str]):
+    from leanseg.config import load_config
+
+    return load_config(config_path, overrides, base=None if config_path else payload["config"])
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from leanseg.data.build import build_dataset, val_loader
+    from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from leanseg.engine.evaluate import evaluate
+    from leanseg.engine.runtime import autocast_dtype, select_device
+    from leanseg.errors import CheckpointError
+
+    payload = load_checkpoint(args.checkpoint)
+    cfg = _checkpoint_config(payload, args.config, args.overrides)
+    dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    if dataset.num_classes != payload["num_classes"]:
+        raise CheckpointError(
+            f"checkpoint '{args.checkpoint}' predicts {payload['num_classes']} classes but the "
+            f"dataset has {dataset.num_classes}: set data.num_classes or use a matching checkpoint"
+        )
+    device = select_device(cfg.train.device)
+    model = model_from_checkpoint(payload, args.checkpoint).to(device)
+    matrix = evaluate(
+        model,
+        val_loader(dataset, cfg.data, pin_memory=device.type == "cuda"),
+        num_classes=dataset.num_classes,
+        ignore_index=cfg.data.ignore_index,
+        device=device,
+        mode=cfg.eval.mode,
+        scales=tuple(cfg.eval.scales),
+        flip=cfg.eval.flip,
+        crop_size=cfg.eval.crop_size,
+        stride=cfg.eval.stride,
+        base_size=cfg.eval.base_size,
+        amp_dtype=autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, device),
+        progress=args.progress is not False,
+    )
+    metrics = matrix.compute()
+    print(metrics.format_table(dataset.class_names))
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics.to_dict(dataset.class_names), indent=2))
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from leanseg.data.palettes import voc_palette
+    from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from leanseg.engine.predict import collect_images, predict_files
+    from leanseg.engine.runtime import select_device
+
+    payload = load_checkpoint(args.checkpoint)
+    cfg = _checkpoint_config(payload, None, args.overrides)
+    paths = collect_images(args.inputs)
+    device = select_device(cfg.train.device)
+    model = model_from_checkpoint(payload, args.checkpoint).to(device)
+    out_dir = Path(args.output_dir)
+    predict_files(
+        model,
+        paths,
+        out_dir,
+        palette=voc_palette(256),
+        device=device,
+        progress=args.progress is not False,
+        mode=cfg.eval.mode,
+        scales=tuple(cfg.eval.scales),
+        flip=cfg.eval.flip,
+        crop_size=cfg.eval.crop_size,
+        stride=cfg.eval.stride,
+        base_size=cfg.eval.base_size,
+    )
+    print(f"wrote {len(paths)} predictions (index, colour, overlay PNGs) to {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Checkpoints: plain tensors and data, written atomically, read with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanseg.errors import CheckpointError
+from leanseg.models import build_model
+
+FORMAT = "leanseg-checkpoint"
+VERSION = 1
+REQUIRED = ("format", "version", "model", "num_classes", "state_dict")
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and check a leanseg checkpoint; never unpickles code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint '{path}' not found: pass the path of a best.pt or last.pt"
+        )
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint '{path}' cannot be read ({reason[:120]}): it is corrupt or not a "
+            "leanseg checkpoint"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint '{path}' is not a leanseg checkpoint (no '{FORMAT}' header); for a plain "
+            "state dict use leanseg.load_pretrained"
+        )
+    missing = [key for key in REQUIRED if key not in payload]
+    if missing or payload["version"] > VERSION:
+        raise CheckpointError(
+            f"checkpoint '{path}' has version {payload.get('version')} / missing {missing}: "
+            f"this leanseg reads version <= {VERSION}; upgrade leanseg"
+        )
+    return payload
+
+
+def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights strictly, naming the first mismatching keys on failure."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"checkpoint '{source}' does not fit the model: {len(missing)} missing keys "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} with "
+            f"another shape {wrong[:3]}; check model.name / data.num_classes"
+        )
+    model.load_state_dict(state_dict)
+
+
+def model_from_checkpoint(payload: dict[str, Any], source: str) -> nn.Module:
+    """Rebuild the model a checkpoint was trained with and load its weights."""
+    model = build_model(
+        payload["model"], payload["num_classes"], **payload.get("model_options", {})
+    )
+    load_model_state(model, payload["state_dict"], source)
+    return model

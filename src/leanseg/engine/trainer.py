@@ -1,0 +1,240 @@
+"""The iteration-based training loop: poly LR, validation, best/last checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from leanseg.config import Config, to_dict
+from leanseg.data.build import build_datasets, train_loader, val_loader
+from leanseg.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from leanseg.engine.evaluate import evaluate
+from leanseg.engine.metrics import SegMetrics
+from leanseg.engine.optim import build_optimizer, lr_factor, set_lr
+from leanseg.engine.run_log import RunLog
+from leanseg.engine.runtime import (
+    autocast_dtype,
+    rng_state,
+    seed_everything,
+    select_device,
+    set_rng_state,
+)
+from leanseg.models import build_model
+from leanseg.viz import prediction_panels
+
+
+def model_options(cfg: Config) -> dict[str, Any]:
+    """Keyword options of the model builder, as recorded in checkpoints."""
+    options = dict(cfg.model.options)
+    options.setdefault("output_stride", cfg.model.output_stride)
+    if cfg.model.aux:
+        options.setdefault("aux", True)
+    return options
+
+
+def segmentation_loss(
+    outputs: dict[str, torch.Tensor], masks: torch.Tensor, *, ignore_index: int, aux_weight: float
+) -> torch.Tensor:
+    """Cross-entropy on the main logits (+ ``aux_weight`` x the auxiliary head's)."""
+    loss = F.cross_entropy(outputs["out"].float(), masks, ignore_index=ignore_index)
+    if "aux" in outputs:
+        aux = F.cross_entropy(outputs["aux"].float(), masks, ignore_index=ignore_index)
+        loss = loss + aux_weight * aux
+    return loss
+
+
+class Trainer:
+    """Owns the model, optimizer and data of one run directory."""
+
+    def __init__(self, cfg: Config, run_dir: Path, *, progress: bool | None = None) -> None:
+        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        self.device = select_device(cfg.train.device)
+        self.amp_dtype = autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, self.device)
+        seed_everything(cfg.train.seed)
+        self.train_set, self.val_set = build_datasets(cfg.data)
+        self.num_classes = self.train_set.num_classes
+        self.class_names = list(self.train_set.class_names)
+        self.options = model_options(cfg)
+        self.model = build_model(cfg.model.name, self.num_classes, **self.options).to(self.device)
+        self.optimizer = build_optimizer(
+            self.model,
+            name=cfg.optim.name,
+            lr=cfg.optim.lr,
+            backbone_lr_mult=cfg.optim.backbone_lr_mult,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype == torch.float16
+        )
+        self.iteration = 0
+        self.best_miou = float("-inf")
+        self.log = RunLog(run_dir, tensorboard=cfg.train.tensorboard)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "model": self.cfg.model.name,
+            "num_classes": self.num_classes,
+            "model_options": self.options,
+            "class_names": self.class_names,
+            "config": to_dict(self.cfg),
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iteration": self.iteration,
+            "best_miou": self.best_miou,
+            "rng": rng_state(),
+        }
+
+    def resume(self, checkpoint: Path) -> None:
+        """Continue exactly where ``checkpoint`` (a last.pt) stopped."""
+        payload = load_checkpoint(checkpoint)
+        load_model_state(self.model, payload["state_dict"], str(checkpoint))
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.iteration = int(payload["iteration"])
+        self.best_miou = float(payload["best_miou"])
+        set_rng_state(payload["rng"])
+
+    # -- loop ----------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, images: torch.Tensor, masks: torch.Tensor) -> float:
+        """One forward/backward/update at the scheduled LR; returns the loss."""
+        cfg = self.cfg
+        factor = lr_factor(
+            self.iteration,
+            cfg.train.iterations,
+            schedule=cfg.optim.schedule,
+            power=cfg.optim.power,
+            warmup_iters=cfg.optim.warmup_iters,
+        )
+        set_lr(self.optimizer, factor, cfg.optim.min_lr)
+        with self._autocast():
+            outputs = self.model(images)
+        loss = segmentation_loss(
+            outputs, masks, ignore_index=cfg.data.ignore_index, aux_weight=cfg.model.aux_weight
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at iteration {self.iteration}: lower optim.lr"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item()
+
+    def fit(self, stop_at: int | None = None) -> SegMetrics | None:
+        """Train to ``train.iterations`` (or stop early at ``stop_at``, resumable from last.pt)."""
+        cfg = self.cfg
+        total = cfg.train.iterations
+        end = min(total, stop_at) if stop_at is not None else total
+        pin = self.device.type == "cuda"
+        loader = train_loader(
+            self.train_set,
+            cfg.data,
+            seed=cfg.train.seed,
+            start_iteration=self.iteration,
+            pin_memory=pin,
+        )
+        self.model.train()
+        bar = tqdm(
+            total=total,
+            initial=self.iteration,
+            desc="train",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        metrics, running, start = None, [], time.perf_counter()
+        batches = iter(loader)
+        try:
+            while self.iteration < end:
+                images, masks = next(batches)
+                images = images.to(self.device, non_blocking=pin)
+                masks = masks.to(self.device, non_blocking=pin)
+                loss = self.train_step(images, masks)
+                self.iteration += 1
+                running.append(loss)
+                bar.update(1)
+                lr = self.optimizer.param_groups[-1]["lr"]
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                if self.iteration % cfg.train.log_interval == 0:
+                    elapsed = time.perf_counter() - start
+                    record = {"loss": sum(running) / len(running), "lr": lr, "time": elapsed}
+                    self.log.write(record, step=self.iteration, prefix="train")
+                    running = []
+                if self.iteration % cfg.train.val_interval == 0 or self.iteration == total:
+                    metrics = self.validate()
+                    self.model.train()
+        except KeyboardInterrupt:
+            save_checkpoint(self.run_dir / "last.pt", self._payload())
+            bar.close()
+            raise
+        bar.close()
+        if self.iteration < total:  # stopped early: leave a resumable checkpoint
+            save_checkpoint(self.run_dir / "last.pt", self._payload())
+        self.log.close()
+        return metrics
+
+    def validate(self) -> SegMetrics:
+        """Evaluate on the val split, log, and write last.pt (and best.pt on a new best mIoU)."""
+        cfg = self.cfg
+        loader = val_loader(self.val_set, cfg.data, pin_memory=self.device.type == "cuda")
+        matrix = evaluate(
+            self.model,
+            loader,
+            num_classes=self.num_classes,
+            ignore_index=cfg.data.ignore_index,
+            device=self.device,
+            mode=cfg.eval.mode,
+            scales=tuple(cfg.eval.scales),
+            flip=cfg.eval.flip,
+            crop_size=cfg.eval.crop_size,
+            stride=cfg.eval.stride,
+            base_size=cfg.eval.base_size,
+            amp_dtype=self.amp_dtype,
+            progress=False,
+        )
+        metrics = matrix.compute()
+        summary = {"mIoU": metrics.miou, "mAcc": metrics.mean_acc, "allAcc": metrics.all_acc}
+        self.log.write(
+            {**summary, "per_class": metrics.to_dict(self.class_names)},
+            step=self.iteration,
+            prefix="val",
+        )
+        self._log_samples()
+        tqdm.write(
+            f"[iter {self.iteration}/{cfg.train.iterations}] val mIoU {metrics.miou:.4f} "
+            f"mAcc {metrics.mean_acc:.4f} allAcc {metrics.all_acc:.4f}"
+        )
+        if metrics.miou > self.best_miou:
+            self.best_miou = metrics.miou
+            save_checkpoint(self.run_dir / "best.pt", self._payload())
+        save_checkpoint(self.run_dir / "last.pt", self._payload())
+        return metrics
+
+    def _log_samples(self) -> None:
+        count = min(self.cfg.train.sample_images, len(self.val_set))
+        if count == 0 or self.log.writer is None:
+            return
+        samples = [self.val_set[i] for i in range(count)]
+        panels = prediction_panels(self.model, samples, self.device, self.val_set.palette)
+        self.log.images("val/samples", panels, self.iteration)
+
+
+def model_summary(model: nn.Module) -> str:
+    """One line: parameter count in millions."""
+    params = sum(p.numel() for p in model.parameters())
+    return f"{type(model).__name__}: {params / 1e6:.2f}M parameters"
