@@ -163,7 +163,7 @@ def _read_yaml(path: Path) -> DictConfig:
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
-        raise ConfigError(f"config file '{path}'{line} is not valid YAML: fix its syntax") from None
+        raise ConfigError(f"config file '{path}'{line} is not valid YAML (or uses a tag safe loading refuses): fix it") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file '{path}' must hold a mapping of sections (data:, model:, ...)"
