@@ -25,7 +25,7 @@ def list_models() -> list[str]:
 
 
 def build_model(name: str, num_classes: int, **options) -> nn.Module:
-    """Build a registered model, e.g. ``build_model("deeplabv3_resnet50", 21, output_stride=16)``."""
+    """Build a registered model: ``build_model("deeplabv3_resnet50", 21, output_stride=16)``."""
     if name not in _BUILDERS:
         raise ConfigError(f"model.name: unknown model {name!r}; choose one of {list_models()}")
     return _BUILDERS[name](num_classes=num_classes, **options)

@@ -1,0 +1,178 @@
+"""ResNet-18/50/101 backbones with torchvision's state-dict layout and dilated last stages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from leanseg.errors import ConfigError
+from leanseg.models.layers import NormLayer, init_weights_
+
+# output stride -> torchvision's replace_stride_with_dilation for (layer2, layer3, layer4)
+_DILATE = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}
+
+
+def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 3, stride, padding=dilation, dilation=dilation, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34); both use ``dilation``, the first one ``stride``."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        dilation: int = 1,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes, 1, dilation)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride, dilation) -> 1x1 x4 (ResNet-50/101, torchvision "v1.5")."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        dilation: int = 1,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = _conv3x3(planes, planes, stride, dilation)
+        self.bn2 = norm_layer(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet without avgpool/fc, returning ``{"low": layer1, "aux": layer3, "out": layer4}``.
+
+    ``replace_stride_with_dilation`` follows torchvision: in a dilated stage the first block uses
+    the previous dilation, the others the new one, and the downsample conv has stride 1.
+    ``multi_grid`` (DeepLabV3 paper) instead gives layer4's blocks ``base_rate * multi_grid[i]``.
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        layers: Sequence[int],
+        replace_stride_with_dilation: Sequence[bool] = (False, False, False),
+        multi_grid: Sequence[int] | None = None,
+        norm_layer: NormLayer | None = None,
+    ) -> None:
+        super().__init__()
+        if multi_grid is not None and (
+            len(multi_grid) != layers[3] or any(int(g) < 1 for g in multi_grid)
+        ):
+            raise ConfigError(
+                f"multi_grid: got {tuple(multi_grid)}; layer4 has {layers[3]} blocks, "
+                f"give {layers[3]} positive ints, e.g. {(1, 2, 4, 8)[: layers[3]]}, or None"
+            )
+        self._norm_layer = norm_layer or nn.BatchNorm2d
+        self._inplanes = 64
+        self._dilation = 1
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = self._norm_layer(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        dilate = tuple(replace_stride_with_dilation)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], 2, dilate[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], 2, dilate[1])
+        self.layer4 = self._make_layer(block, 512, layers[3], 2, dilate[2], multi_grid)
+        self.low_channels = 64 * block.expansion
+        self.aux_channels = 256 * block.expansion
+        self.out_channels = 512 * block.expansion
+        self.output_stride = 32 // 2 ** sum(dilate)
+        init_weights_(self, mode="fan_out")
+
+    def _make_layer(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        planes: int,
+        blocks: int,
+        stride: int = 1,
+        dilate: bool = False,
+        multi_grid: Sequence[int] | None = None,
+    ) -> nn.Sequential:
+        previous_dilation = self._dilation
+        if dilate:
+            self._dilation *= stride
+            stride = 1
+        out_channels = planes * block.expansion
+        downsample = None
+        if stride != 1 or self._inplanes != out_channels:
+            downsample = nn.Sequential(
+                nn.Conv2d(self._inplanes, out_channels, 1, stride=stride, bias=False),
+                self._norm_layer(out_channels),
+            )
+        if multi_grid is None:
+            rates = [previous_dilation] + [self._dilation] * (blocks - 1)
+        else:
+            rates = [self._dilation * int(g) for g in multi_grid]
+        layers = [block(self._inplanes, planes, stride, downsample, rates[0], self._norm_layer)]
+        self._inplanes = out_channels
+        for rate in rates[1:]:
+            layers.append(block(out_channels, planes, 1, None, rate, self._norm_layer))
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        low = self.layer1(x)
+        aux = self.layer3(self.layer2(low))
+        return {"low": low, "aux": aux, "out": self.layer4(aux)}
+
+
+_SPECS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+def resnet(
+    name: str,
+    *,
+    output_stride: int = 32,
+    multi_grid: Sequence[int] | None = None,
+    norm_layer: NormLayer | None = None,
+) -> ResNet:
+    """Build ``resnet18``/``resnet50``/``resnet101`` at output stride 8, 16 or 32."""
+    if output_stride not in _DILATE:
+        raise ConfigError(f"output_stride: got {output_stride!r}; choose one of {sorted(_DILATE)}")
+    block, layers = _SPECS[name]
+    return ResNet(block, layers, _DILATE[output_stride], multi_grid, norm_layer)

@@ -1,0 +1,405 @@
+"""DeepLabV3 and DeepLabV3+ (ASPP, heads, registered builders).
+
+DeepLabV3 keeps torchvision's state-dict layout (``classifier.0`` = ASPP, ``classifier.1-3`` =
+3x3 conv/BN/ReLU, ``classifier.4`` = 1x1 to K, ``aux_classifier``); DeepLabV3+ keeps VainF's
+(``classifier.project`` / ``.aspp`` / ``.classifier``). See shared/methods/deeplab.md section 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from leanseg.errors import ConfigError
+from leanseg.models.backbones import build_backbone
+from leanseg.models.layers import ConvNormAct, NormLayer, init_weights_, make_norm_layer
+from leanseg.models.registry import register_model
+
+
+def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ASPPPooling(nn.Sequential):
+    """Image pooling branch: global average pool -> 1x1 conv -> norm -> ReLU -> upsample."""
+
+    def __init__(self, in_channels: int, channels: int, norm_layer: NormLayer) -> None:
+        super().__init__(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(in_channels, channels, 1, bias=False),
+            norm_layer(channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _resize(super().forward(x), x.shape[-2:])
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: 1x1, one 3x3 per rate and image pooling, then a 1x1."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        rates: Sequence[int] = (6, 12, 18),
+        channels: int = 256,
+        dropout: float = 0.1,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        branches: list[nn.Module] = [ConvNormAct(in_channels, channels, 1, norm_layer=norm_layer)]
+        for rate in rates:
+            branches.append(
+                ConvNormAct(in_channels, channels, 3, dilation=rate, norm_layer=norm_layer)
+            )
+        branches.append(ASPPPooling(in_channels, channels, norm_layer))
+        self.convs = nn.ModuleList(branches)
+        self.project = nn.Sequential(
+            nn.Conv2d(len(branches) * channels, channels, 1, bias=False),
+            norm_layer(channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project(torch.cat([branch(x) for branch in self.convs], dim=1))
+
+
+def fcn_head(in_channels: int, num_classes: int, norm_layer: NormLayer) -> nn.Sequential:
+    """torchvision's FCN auxiliary head: 3x3 to in/4 -> norm -> ReLU -> Dropout(0.1) -> 1x1 to K."""
+    inter = in_channels // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, inter, 3, padding=1, bias=False),
+        norm_layer(inter),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.1),
+        nn.Conv2d(inter, num_classes, 1),
+    )
+
+
+class DeepLabV3PlusHead(nn.Module):
+    """V3+ decoder: low-level 1x1 to 48, concat with upsampled ASPP, 3x3 conv, 1x1 to K."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        low_channels: int,
+        num_classes: int,
+        aspp_rates: Sequence[int],
+        aspp_dropout: float,
+        channels: int,
+        norm_layer: NormLayer,
+        low_project_channels: int = 48,
+    ) -> None:
+        super().__init__()
+        self.project = ConvNormAct(low_channels, low_project_channels, 1, norm_layer=norm_layer)
+        self.aspp = ASPP(in_channels, aspp_rates, channels, aspp_dropout, norm_layer)
+        self.classifier = nn.Sequential(
+            nn.Conv2d(channels + low_project_channels, channels, 3, padding=1, bias=False),
+            norm_layer(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, num_classes, 1),
+        )
+
+    def forward(self, low: Tensor, out: Tensor) -> Tensor:
+        low = self.project(low)
+        out = _resize(self.aspp(out), low.shape[-2:])
+        return self.classifier(torch.cat([low, out], dim=1))
+
+
+def _aux_head(
+    backbone: nn.Module, num_classes: int, norm_layer: NormLayer, aux: bool
+) -> nn.Module | None:
+    """The FCN aux head on layer3 when ``aux``; ConfigError for backbones without layer3."""
+    if not aux:
+        return None
+    if getattr(backbone, "aux_channels", None) is None:
+        raise ConfigError(
+            f"aux: {type(backbone).__name__} has no layer3 features for an auxiliary head; "
+            "set aux=False or use a ResNet backbone"
+        )
+    head = fcn_head(backbone.aux_channels, num_classes, norm_layer)
+    init_weights_(head)
+    return head
+
+
+class _DeepLab(nn.Module):
+    """Shared forward: ``backbone`` -> ``classifier`` (+ ``aux_classifier`` in training)."""
+
+    backbone: nn.Module
+    aux_classifier: nn.Module | None
+
+    def _logits(self, features: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        features = self.backbone(x)
+        result = {"out": _resize(self._logits(features), x.shape[-2:])}
+        if self.aux_classifier is not None and self.training:
+            result["aux"] = _resize(self.aux_classifier(features["aux"]), x.shape[-2:])
+        return result
+
+
+class DeepLabV3(_DeepLab):
+    """DeepLabV3: ASPP on the last backbone stage [-> 3x3 conv/BN/ReLU] -> 1x1 to K."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        aspp_rates: Sequence[int] = (6, 12, 18),
+        aspp_dropout: float = 0.1,
+        head_conv: bool = True,
+        aux: bool = False,
+        channels: int = 256,
+        norm_layer: NormLayer | None = None,
+    ) -> None:
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.backbone = backbone
+        layers = [ASPP(backbone.out_channels, aspp_rates, channels, aspp_dropout, norm_layer)]
+        if head_conv:
+            layers += [
+                nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                norm_layer(channels),
+                nn.ReLU(inplace=True),
+            ]
+        layers.append(nn.Conv2d(channels, num_classes, 1))
+        self.classifier = nn.Sequential(*layers)
+        init_weights_(self.classifier)
+        self.aux_classifier = _aux_head(backbone, num_classes, norm_layer, aux)
+
+    def _logits(self, features: dict[str, Tensor]) -> Tensor:
+        return self.classifier(features["out"])
+
+
+class DeepLabV3Plus(_DeepLab):
+    """DeepLabV3+: ASPP plus a decoder on the stride-4 low-level features."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        aspp_rates: Sequence[int] = (6, 12, 18),
+        aspp_dropout: float = 0.1,
+        aux: bool = False,
+        channels: int = 256,
+        norm_layer: NormLayer | None = None,
+    ) -> None:
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.backbone = backbone
+        self.classifier = DeepLabV3PlusHead(
+            backbone.out_channels,
+            backbone.low_channels,
+            num_classes,
+            aspp_rates,
+            aspp_dropout,
+            channels,
+            norm_layer,
+        )
+        init_weights_(self.classifier)
+        self.aux_classifier = _aux_head(backbone, num_classes, norm_layer, aux)
+
+    def _logits(self, features: dict[str, Tensor]) -> Tensor:
+        return self.classifier(features["low"], features["out"])
+
+
+# ---------------------------------------------------------------------------- builders
+
+_DEFAULT_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+
+
+def _strict_options(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Raise ConfigError (not TypeError) for an unknown option, listing the accepted ones."""
+    accepted = list(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def builder(**options) -> nn.Module:
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ConfigError(
+                f"{fn.__name__}: unknown option(s) {unknown}; accepted options: {accepted}"
+            )
+        return fn(**options)
+
+    return builder
+
+
+def _build(
+    arch: str,
+    backbone_name: str,
+    *,
+    num_classes: int,
+    output_stride: int,
+    aspp_rates: Sequence[int] | None,
+    aspp_dropout: float,
+    channels: int,
+    norm: str,
+    aux: bool = False,
+    head_conv: bool = True,
+    **backbone_options,
+) -> nn.Module:
+    """Validate the shared options, build the backbone, then DeepLabV3 (``arch="v3"``) or V3+."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes: got {num_classes!r}; must be a positive int")
+    if output_stride not in _DEFAULT_RATES:
+        raise ConfigError(f"output_stride: got {output_stride!r}; choose one of [8, 16]")
+    rates = _DEFAULT_RATES[output_stride] if aspp_rates is None else tuple(aspp_rates)
+    if len(rates) != 3 or not all(isinstance(r, int) and r > 0 for r in rates):
+        raise ConfigError(f"aspp_rates: got {aspp_rates!r}; give 3 positive ints, or None")
+    if not 0.0 <= aspp_dropout < 1.0:
+        raise ConfigError(f"aspp_dropout: got {aspp_dropout!r}; must be in [0, 1)")
+    norm_layer = make_norm_layer(norm)
+    backbone = build_backbone(
+        backbone_name, output_stride=output_stride, norm_layer=norm_layer, **backbone_options
+    )
+    if arch == "v3":
+        return DeepLabV3(
+            backbone, num_classes, rates, aspp_dropout, head_conv, aux, channels, norm_layer
+        )
+    return DeepLabV3Plus(backbone, num_classes, rates, aspp_dropout, aux, channels, norm_layer)
+
+
+# Each builder forwards its own arguments (``locals()``) to ``_build``.
+@register_model
+@_strict_options
+def deeplabv3_resnet18(
+    *,
+    num_classes: int,
+    output_stride: int = 16,
+    aspp_rates: tuple[int, int, int] | None = None,
+    aspp_dropout: float = 0.1,
+    head_conv: bool = True,
+    aux: bool = False,
+    channels: int = 256,
+    multi_grid: tuple[int, ...] | None = None,
+    norm: str = "bn",
+) -> nn.Module:
+    """DeepLabV3 on ResNet-18."""
+    return _build("v3", "resnet18", **locals())
+
+
+@register_model
+@_strict_options
+def deeplabv3_resnet50(
+    *,
+    num_classes: int,
+    output_stride: int = 16,
+    aspp_rates: tuple[int, int, int] | None = None,
+    aspp_dropout: float = 0.1,
+    head_conv: bool = True,
+    aux: bool = False,
+    channels: int = 256,
+    multi_grid: tuple[int, ...] | None = None,
+    norm: str = "bn",
+) -> nn.Module:
+    """DeepLabV3 on ResNet-50 (torchvision ``deeplabv3_resnet50`` layout)."""
+    return _build("v3", "resnet50", **locals())
+
+
+@register_model
+@_strict_options
+def deeplabv3_resnet101(
+    *,
+    num_classes: int,
+    output_stride: int = 16,
+    aspp_rates: tuple[int, int, int] | None = None,
+    aspp_dropout: float = 0.1,
+    head_conv: bool = True,
+    aux: bool = False,
+    channels: int = 256,
+    multi_grid: tuple[int, ...] | None = None,
+    norm: str = "bn",
+) -> nn.Module:
+    """DeepLabV3 on ResNet-101 (torchvision ``deeplabv3_resnet101`` layout)."""
+    return _build("v3", "resnet101", **locals())
+
+
+@register_model
+@_strict_options
+def deeplabv3_mobilenetv2(
+    *,
+    num_classes: int,
+    output_stride: int = 16,
+    aspp_rates: tuple[int, int, int] | None = None,
+    aspp_dropout: float = 0.1,
+    head_conv: bool = True,
+    channels: int = 256,
+    width_mult: float = 1.0,
+    norm: str = "bn",
+) -> nn.Module:
+    """DeepLabV3 on MobileNetV2 (no aux head: it has no layer3)."""
+    return _build("v3", "mobilenetv2", **locals())
+
+
+@register_model
+@_strict_options
+def deeplabv3plus_resnet18(
+    *,
+    num_classes: int,
+    output_stride: int = 16,
+    aspp_rates: tuple[int, int, int] | None = None,
+    aspp_dropout: float = 0.1,
+    aux: bool = False,
+    channels: int = 256,
+    multi_grid: tuple[int, ...] | None = None,
+    norm: str = "bn",
+) -> nn.Module:
+    """DeepLabV3+ on ResNet-18 (decoder on layer1, 64 ch)."""
+    return _build("v3+", "resnet18", **locals())
+
+
+@register_model
+@_strict_options
+def deeplabv3plus_resnet50(
+    *,
+    num_classes: int,
+    output_stride: int = 16,
+    aspp_rates: tuple[int, int, int] | None = None,
+    aspp_dropout: float = 0.1,
+    aux: bool = False,
+    channels: int = 256,
+    multi_grid: tuple[int, ...] | None = None,
+    norm: str = "bn",
+) -> nn.Module:
+    """DeepLabV3+ on ResNet-50 (VainF layout)."""
+    return _build("v3+", "resnet50", **locals())
+
+
+@register_model
+@_strict_options
+def deeplabv3plus_resnet101(
+    *,
+    num_classes: int,
+    output_stride: int = 16,
+    aspp_rates: tuple[int, int, int] | None = None,
+    aspp_dropout: float = 0.1,
+    aux: bool = False,
+    channels: int = 256,
+    multi_grid: tuple[int, ...] | None = None,
+    norm: str = "bn",
+) -> nn.Module:
+    """DeepLabV3+ on ResNet-101 (VainF layout)."""
+    return _build("v3+", "resnet101", **locals())
+
+
+@register_model
+@_strict_options
+def deeplabv3plus_mobilenetv2(
+    *,
+    num_classes: int,
+    output_stride: int = 16,
+    aspp_rates: tuple[int, int, int] | None = None,
+    aspp_dropout: float = 0.1,
+    channels: int = 256,
+    width_mult: float = 1.0,
+    norm: str = "bn",
+) -> nn.Module:
+    """DeepLabV3+ on MobileNetV2 (decoder on features[0:4], 24 ch)."""
+    return _build("v3+", "mobilenetv2", **locals())
