@@ -121,7 +121,6 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 }
 POSITIVE = (
     "data.crop_size",
-    "data.batch_size",
     "data.val_batch_size",
     "data.synthetic_train",
     "data.synthetic_val",
@@ -163,7 +162,10 @@ def _read_yaml(path: Path) -> DictConfig:
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
-        raise ConfigError(f"config file '{path}'{line} is not valid YAML (or uses a tag safe loading refuses): fix it") from None
+        raise ConfigError(
+            f"config file '{path}'{line} is not valid YAML (or uses a tag that safe loading "
+            "refuses): fix it"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file '{path}' must hold a mapping of sections (data:, model:, ...)"
@@ -251,6 +253,11 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if get_key(cfg, key) < 0:
             raise ConfigError(f"config key '{key}': must be >= 0, got {get_key(cfg, key)}")
+    if cfg.data.batch_size < 2:
+        raise ConfigError(
+            f"config key 'data.batch_size': must be >= 2 (BatchNorm needs 2 samples), "
+            f"got {cfg.data.batch_size}"
+        )
     if cfg.data.scale_min > cfg.data.scale_max:
         raise ConfigError("config key 'data.scale_min': must be <= data.scale_max")
     if cfg.eval.mode == "slide" and not cfg.eval.crop_size:
