@@ -93,8 +93,11 @@ class ResNet(nn.Module):
         replace_stride_with_dilation: Sequence[bool] = (False, False, False),
         multi_grid: Sequence[int] | None = None,
         norm_layer: NormLayer | None = None,
+        width_mult: float = 1.0,
     ) -> None:
         super().__init__()
+        if width_mult <= 0:
+            raise ConfigError(f"width_mult: got {width_mult!r}; must be > 0 (1.0 = torchvision)")
         if multi_grid is not None and (
             len(multi_grid) != layers[3] or any(int(g) < 1 for g in multi_grid)
         ):
@@ -103,20 +106,21 @@ class ResNet(nn.Module):
                 f"give {layers[3]} positive ints, e.g. {(1, 2, 4, 8)[: layers[3]]}, or None"
             )
         self._norm_layer = norm_layer or nn.BatchNorm2d
-        self._inplanes = 64
+        widths = [max(8, round(c * width_mult)) for c in (64, 128, 256, 512)]
+        self._inplanes = widths[0]
         self._dilation = 1
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = self._norm_layer(64)
+        self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
+        self.bn1 = self._norm_layer(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         dilate = tuple(replace_stride_with_dilation)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], 2, dilate[0])
-        self.layer3 = self._make_layer(block, 256, layers[2], 2, dilate[1])
-        self.layer4 = self._make_layer(block, 512, layers[3], 2, dilate[2], multi_grid)
-        self.low_channels = 64 * block.expansion
-        self.aux_channels = 256 * block.expansion
-        self.out_channels = 512 * block.expansion
+        self.layer1 = self._make_layer(block, widths[0], layers[0])
+        self.layer2 = self._make_layer(block, widths[1], layers[1], 2, dilate[0])
+        self.layer3 = self._make_layer(block, widths[2], layers[2], 2, dilate[1])
+        self.layer4 = self._make_layer(block, widths[3], layers[3], 2, dilate[2], multi_grid)
+        self.low_channels = widths[0] * block.expansion
+        self.aux_channels = widths[2] * block.expansion
+        self.out_channels = widths[3] * block.expansion
         self.output_stride = 32 // 2 ** sum(dilate)
         init_weights_(self, mode="fan_out")
 
@@ -170,9 +174,13 @@ def resnet(
     output_stride: int = 32,
     multi_grid: Sequence[int] | None = None,
     norm_layer: NormLayer | None = None,
+    width_mult: float = 1.0,
 ) -> ResNet:
-    """Build ``resnet18``/``resnet50``/``resnet101`` at output stride 8, 16 or 32."""
+    """Build ``resnet18``/``resnet50``/``resnet101`` at output stride 8, 16 or 32.
+
+    ``width_mult`` scales every stage's width (1.0 keeps torchvision's shapes).
+    """
     if output_stride not in _DILATE:
         raise ConfigError(f"output_stride: got {output_stride!r}; choose one of {sorted(_DILATE)}")
     block, layers = _SPECS[name]
-    return ResNet(block, layers, _DILATE[output_stride], multi_grid, norm_layer)
+    return ResNet(block, layers, _DILATE[output_stride], multi_grid, norm_layer, width_mult)

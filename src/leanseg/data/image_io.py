@@ -1,0 +1,92 @@
+"""Reading images and index masks with one-line :class:`DataError` messages for bad files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from leanseg.data.palettes import mask_to_pil
+from leanseg.errors import DataError
+
+_JPEG_SOI = b"\xff\xd8"
+_JPEG_EOI = b"\xff\xd9"
+_JPEG_TAIL = 4096  # the end-of-image marker must lie this close to the end of a complete JPEG
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found; check the path or the list file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected an {what} file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read {what} ({e.strerror}); check permissions") from None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as an ``HxWx3`` uint8 RGB array (grey images are expanded to RGB)."""
+    path = Path(path)
+    data = _read_bytes(path, "image")
+    bad = DataError(
+        f"{path}: cannot decode image (corrupt or not an image); "
+        "re-export or remove it from the list file"
+    )
+    # libjpeg decodes a truncated JPEG into a partly grey image with only a warning: catch it here.
+    if data.startswith(_JPEG_SOI) and _JPEG_EOI not in data[-_JPEG_TAIL:]:
+        raise bad
+    buf = np.frombuffer(data, dtype=np.uint8)
+    image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    if image is None:
+        raise bad
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read an index mask (palette "P" or grey "L" PNG) as an ``HxW`` uint8 array of class ids."""
+    path = Path(path)
+    if not path.is_file():
+        if path.exists():
+            raise DataError(f"{path}: is a directory, expected a mask file")
+        raise DataError(f"{path}: mask not found; check the path or the list file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("P", "L"):
+                return np.array(img, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(
+            f"{path}: cannot decode mask ({e}); re-export it or remove it from the list file"
+        ) from None
+    if mode in ("RGB", "RGBA"):
+        raise DataError(
+            f"{path}: is a colour (palette-RGB, mode {mode}) mask but an index mask is expected; "
+            "convert it to a palette ('P') or greyscale PNG whose pixel values are class ids"
+        )
+    raise DataError(
+        f"{path}: mask has image mode {mode!r}; expected a palette ('P') or 8-bit greyscale ('L') "
+        "PNG whose pixel values are class ids"
+    )
+
+
+def write_mask_png(
+    path: str | os.PathLike, mask: np.ndarray, palette: np.ndarray | None = None
+) -> None:
+    """Write an ``HxW`` index mask as a palette PNG (VOC palette unless ``palette`` is given)."""
+    mask_to_pil(mask, palette).save(Path(path), format="PNG")
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray, jpeg_quality: int = 90) -> None:
+    """Write an ``HxWx3`` uint8 RGB image; the format follows the file suffix (.jpg, .png)."""
+    path = Path(path)
+    ext = path.suffix.lower() or ".png"
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if ext in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise ValueError(f"{path}: OpenCV cannot encode an image as {ext!r}")
+    path.write_bytes(buf.tobytes())
