@@ -19,6 +19,7 @@ from leanseg.data.synthetic import ensure_synthetic
 TINY = [
     "model.name=deeplabv3plus_resnet18",
     "model.options.channels=16",
+    "model.options.width_mult=0.25",
     "data.crop_size=64",
     "data.batch_size=4",
     "data.synthetic_train=16",

@@ -20,7 +20,7 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
     assert cfg.train.iterations == 9
     assert cfg.train.seed == 3
     assert cfg.eval.scales == [0.5, 1.0]
-    assert cfg.model.options == {"channels": 32}
+    assert cfg.model.options["channels"] == 32
 
 
 @pytest.mark.parametrize(
@@ -76,3 +76,15 @@ def test_base_dict_is_overridden():
 
     cfg = load_config(None, ["train.seed=5"], base=asdict(base))
     assert (cfg.train.iterations, cfg.train.seed) == (11, 5)
+
+
+def test_default_options_do_not_leak_into_another_model(tmp_path):
+    assert load_config().model.options  # the default model has options
+    assert load_config(None, ["model.name=deeplabv3_resnet50"]).model.options == {}
+    cfg = load_config(None, ["model.name=deeplabv3_resnet50", "model.options.channels=32"])
+    assert cfg.model.options == {"channels": 32}
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  name: deeplabv3_mobilenetv2\n")
+    assert load_config(path).model.options == {}
+    # options set without a model name extend the current model's options
+    assert load_config(None, ["model.options.channels=32"]).model.options["width_mult"] == 0.5
