@@ -219,3 +219,15 @@ def test_help_lists_commands():
     assert result.returncode == 0
     for command in ("train", "eval", "predict"):
         assert command in result.stdout
+
+
+def test_amp_bf16_training_on_cpu(cache, tmp_path):
+    work = tmp_path / "runs"
+    args = tiny(cache, work, "train.iterations=2", "train.val_interval=2", "train.amp=true")
+    assert main(["train", *args]) == 0
+    payload = torch.load(only_run(work) / "last.pt", weights_only=True)
+    assert payload["iteration"] == 2
+    assert all(
+        torch.isfinite(v).all() for v in payload["state_dict"].values() if v.is_floating_point()
+    )
+    assert payload["config"]["train"]["amp"] is True

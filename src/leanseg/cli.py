@@ -151,6 +151,7 @@ def _checkpoint_config(payload: dict, config_path: str | None, overrides: list[s
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from leanseg.config import inference_options
     from leanseg.data.build import build_dataset, val_loader
     from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
     from leanseg.engine.evaluate import evaluate
@@ -173,12 +174,7 @@ def run_eval(args: argparse.Namespace) -> int:
         num_classes=dataset.num_classes,
         ignore_index=cfg.data.ignore_index,
         device=device,
-        mode=cfg.eval.mode,
-        scales=tuple(cfg.eval.scales),
-        flip=cfg.eval.flip,
-        crop_size=cfg.eval.crop_size,
-        stride=cfg.eval.stride,
-        base_size=cfg.eval.base_size,
+        **inference_options(cfg.eval),
         amp_dtype=autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, device),
         progress=args.progress is not False,
     )
@@ -190,6 +186,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from leanseg.config import inference_options
     from leanseg.data.palettes import voc_palette
     from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
     from leanseg.engine.predict import collect_images, predict_files
@@ -208,12 +205,7 @@ def run_predict(args: argparse.Namespace) -> int:
         palette=voc_palette(256),
         device=device,
         progress=args.progress is not False,
-        mode=cfg.eval.mode,
-        scales=tuple(cfg.eval.scales),
-        flip=cfg.eval.flip,
-        crop_size=cfg.eval.crop_size,
-        stride=cfg.eval.stride,
-        base_size=cfg.eval.base_size,
+        **inference_options(cfg.eval),
     )
     print(f"wrote {len(paths)} predictions (index, colour, overlay PNGs) to {out_dir}")
     return 0

@@ -243,6 +243,18 @@ def _field_type(dotted: str) -> str:
         return "a value of the schema's type"
 
 
+def inference_options(cfg: EvalConfig) -> dict[str, Any]:
+    """The ``eval`` section as keyword arguments of ``predict_probs`` / ``evaluate``."""
+    return {
+        "mode": cfg.mode,
+        "scales": tuple(cfg.scales),
+        "flip": cfg.flip,
+        "crop_size": cfg.crop_size,
+        "stride": cfg.stride,
+        "base_size": cfg.base_size,
+    }
+
+
 def get_key(cfg: Config, dotted: str) -> Any:
     """The value at ``a.b`` of a config."""
     node: Any = cfg

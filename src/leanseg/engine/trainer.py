@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from leanseg.config import Config, to_dict
+from leanseg.config import Config, inference_options, to_dict
 from leanseg.data.build import build_datasets, train_loader, val_loader
 from leanseg.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from leanseg.engine.evaluate import evaluate
@@ -198,13 +198,8 @@ class Trainer:
             num_classes=self.num_classes,
             ignore_index=cfg.data.ignore_index,
             device=self.device,
-            mode=cfg.eval.mode,
-            scales=tuple(cfg.eval.scales),
-            flip=cfg.eval.flip,
-            crop_size=cfg.eval.crop_size,
-            stride=cfg.eval.stride,
-            base_size=cfg.eval.base_size,
             amp_dtype=self.amp_dtype,
+            **inference_options(cfg.eval),
             progress=False,
         )
         metrics = matrix.compute()

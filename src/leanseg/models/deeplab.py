@@ -7,9 +7,8 @@ DeepLabV3 keeps torchvision's state-dict layout (``classifier.0`` = ASPP, ``clas
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -215,22 +214,6 @@ class DeepLabV3Plus(_DeepLab):
 _DEFAULT_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
 
-def _strict_options(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Raise ConfigError (not TypeError) for an unknown option, listing the accepted ones."""
-    accepted = list(inspect.signature(fn).parameters)
-
-    @functools.wraps(fn)
-    def builder(**options) -> nn.Module:
-        unknown = sorted(set(options) - set(accepted))
-        if unknown:
-            raise ConfigError(
-                f"{fn.__name__}: unknown option(s) {unknown}; accepted options: {accepted}"
-            )
-        return fn(**options)
-
-    return builder
-
-
 def _build(
     arch: str,
     backbone_name: str,
@@ -266,142 +249,39 @@ def _build(
     return DeepLabV3Plus(backbone, num_classes, rates, aspp_dropout, aux, channels, norm_layer)
 
 
-# Each builder forwards its own arguments (``locals()``) to ``_build``.
-@register_model
-@_strict_options
-def deeplabv3_resnet18(
-    *,
-    num_classes: int,
-    output_stride: int = 16,
-    aspp_rates: tuple[int, int, int] | None = None,
-    aspp_dropout: float = 0.1,
-    head_conv: bool = True,
-    aux: bool = False,
-    channels: int = 256,
-    multi_grid: tuple[int, ...] | None = None,
-    width_mult: float = 1.0,
-    norm: str = "bn",
-) -> nn.Module:
-    """DeepLabV3 on ResNet-18 (``width_mult`` < 1 gives a thinner, faster backbone)."""
-    return _build("v3", "resnet18", **locals())
+# Options each builder accepts, with their defaults; ``num_classes`` is always required.
+_COMMON: dict[str, Any] = {
+    "output_stride": 16,  # 8 or 16
+    "aspp_rates": None,  # None: (6, 12, 18) at OS16, (12, 24, 36) at OS8
+    "aspp_dropout": 0.1,
+    "channels": 256,  # ASPP / head width
+    "norm": "bn",
+    "width_mult": 1.0,  # backbone width; 1.0 keeps torchvision's shapes
+}
+_RESNET = {"aux": False, "multi_grid": None}  # aux: FCN head on layer3 (torchvision layout)
+_V3 = {"head_conv": True}  # 3x3 conv -> BN -> ReLU between ASPP and the classifier
 
 
-@register_model
-@_strict_options
-def deeplabv3_resnet50(
-    *,
-    num_classes: int,
-    output_stride: int = 16,
-    aspp_rates: tuple[int, int, int] | None = None,
-    aspp_dropout: float = 0.1,
-    head_conv: bool = True,
-    aux: bool = False,
-    channels: int = 256,
-    multi_grid: tuple[int, ...] | None = None,
-    norm: str = "bn",
-) -> nn.Module:
-    """DeepLabV3 on ResNet-50 (torchvision ``deeplabv3_resnet50`` layout)."""
-    return _build("v3", "resnet50", **locals())
+def _register(arch: str, backbone: str, options: dict[str, Any], doc: str) -> None:
+    """Register ``deeplabv3[plus]_<backbone>``; unknown options are one-line ConfigErrors."""
+    name = f"deeplabv3{'plus' if arch == 'v3+' else ''}_{backbone}"
+
+    def builder(*, num_classes: int, **given: Any) -> nn.Module:
+        unknown = sorted(set(given) - set(options))
+        if unknown:
+            raise ConfigError(
+                f"{name}: unknown option(s) {unknown}; accepted options: {sorted(options)}"
+            )
+        return _build(arch, backbone, num_classes=num_classes, **{**options, **given})
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = f"{doc}\n\nOptions (defaults): {options}"
+    builder.default_options = dict(options)
+    register_model(builder)
 
 
-@register_model
-@_strict_options
-def deeplabv3_resnet101(
-    *,
-    num_classes: int,
-    output_stride: int = 16,
-    aspp_rates: tuple[int, int, int] | None = None,
-    aspp_dropout: float = 0.1,
-    head_conv: bool = True,
-    aux: bool = False,
-    channels: int = 256,
-    multi_grid: tuple[int, ...] | None = None,
-    norm: str = "bn",
-) -> nn.Module:
-    """DeepLabV3 on ResNet-101 (torchvision ``deeplabv3_resnet101`` layout)."""
-    return _build("v3", "resnet101", **locals())
-
-
-@register_model
-@_strict_options
-def deeplabv3_mobilenetv2(
-    *,
-    num_classes: int,
-    output_stride: int = 16,
-    aspp_rates: tuple[int, int, int] | None = None,
-    aspp_dropout: float = 0.1,
-    head_conv: bool = True,
-    channels: int = 256,
-    width_mult: float = 1.0,
-    norm: str = "bn",
-) -> nn.Module:
-    """DeepLabV3 on MobileNetV2 (no aux head: it has no layer3)."""
-    return _build("v3", "mobilenetv2", **locals())
-
-
-@register_model
-@_strict_options
-def deeplabv3plus_resnet18(
-    *,
-    num_classes: int,
-    output_stride: int = 16,
-    aspp_rates: tuple[int, int, int] | None = None,
-    aspp_dropout: float = 0.1,
-    aux: bool = False,
-    channels: int = 256,
-    multi_grid: tuple[int, ...] | None = None,
-    width_mult: float = 1.0,
-    norm: str = "bn",
-) -> nn.Module:
-    """DeepLabV3+ on ResNet-18 (decoder on layer1); ``width_mult`` thins the backbone."""
-    return _build("v3+", "resnet18", **locals())
-
-
-@register_model
-@_strict_options
-def deeplabv3plus_resnet50(
-    *,
-    num_classes: int,
-    output_stride: int = 16,
-    aspp_rates: tuple[int, int, int] | None = None,
-    aspp_dropout: float = 0.1,
-    aux: bool = False,
-    channels: int = 256,
-    multi_grid: tuple[int, ...] | None = None,
-    norm: str = "bn",
-) -> nn.Module:
-    """DeepLabV3+ on ResNet-50 (VainF layout)."""
-    return _build("v3+", "resnet50", **locals())
-
-
-@register_model
-@_strict_options
-def deeplabv3plus_resnet101(
-    *,
-    num_classes: int,
-    output_stride: int = 16,
-    aspp_rates: tuple[int, int, int] | None = None,
-    aspp_dropout: float = 0.1,
-    aux: bool = False,
-    channels: int = 256,
-    multi_grid: tuple[int, ...] | None = None,
-    norm: str = "bn",
-) -> nn.Module:
-    """DeepLabV3+ on ResNet-101 (VainF layout)."""
-    return _build("v3+", "resnet101", **locals())
-
-
-@register_model
-@_strict_options
-def deeplabv3plus_mobilenetv2(
-    *,
-    num_classes: int,
-    output_stride: int = 16,
-    aspp_rates: tuple[int, int, int] | None = None,
-    aspp_dropout: float = 0.1,
-    channels: int = 256,
-    width_mult: float = 1.0,
-    norm: str = "bn",
-) -> nn.Module:
-    """DeepLabV3+ on MobileNetV2 (decoder on features[0:4], 24 ch)."""
-    return _build("v3+", "mobilenetv2", **locals())
+for _backbone in ("resnet18", "resnet50", "resnet101"):
+    _register("v3", _backbone, {**_COMMON, **_RESNET, **_V3}, f"DeepLabV3 on {_backbone}.")
+    _register("v3+", _backbone, {**_COMMON, **_RESNET}, f"DeepLabV3+ on {_backbone}.")
+_register("v3", "mobilenetv2", {**_COMMON, **_V3}, "DeepLabV3 on MobileNetV2 (no aux head).")
+_register("v3+", "mobilenetv2", _COMMON, "DeepLabV3+ on MobileNetV2 (decoder on 24 ch).")
