@@ -1,6 +1,6 @@
 """How hard is the built-in synthetic dataset? Colour alone vs the default model.
 
-    python benchmarks/synthetic_difficulty.py [--colour-iters 600] [--model-iters 4000]
+    python benchmarks/synthetic_difficulty.py [--colour-iters 600] [--model-iters 2000]
 
 Trains (1) a colour-only per-pixel classifier - a stack of 1x1 convolutions on RGB, so it
 sees no shape, texture or context - and (2) the default leanseg model with the default recipe
@@ -97,7 +97,7 @@ def default_model(iterations: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--colour-iters", type=int, default=600)
-    parser.add_argument("--model-iters", type=int, default=4000)
+    parser.add_argument("--model-iters", type=int, default=2000)
     args = parser.parse_args()
     result = {
         "benchmark": "synthetic_difficulty",

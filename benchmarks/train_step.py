@@ -3,8 +3,9 @@
     python benchmarks/train_step.py [--models deeplabv3_mobilenetv2 deeplabv3_resnet50]
         [--batch 8 --size 256 --steps 3 --device auto --amp --channels-last]
 
-Prints one JSON object. FLOPs are counted with torch.utils.flop_counter for one
-forward+backward; the matmul peak is measured in the same run on the same device.
+Prints one JSON object. FLOPs are counted with torch.utils.flop_counter (through
+leanseg.flops, which corrects torch's over-count of grouped-convolution weight gradients) for
+one forward+backward; the matmul peak is measured in the same run on the same device.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from leanseg import build_model
 from leanseg.engine.runtime import autocast_dtype, select_device
+from leanseg.flops import flop_counter
 
 
 def sync(device: torch.device) -> None:
@@ -58,7 +59,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         loss.backward()
         optimizer.step()
 
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter:
         step()  # also the warm-up
     sync(device)
