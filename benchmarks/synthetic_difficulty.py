@@ -12,7 +12,9 @@ within 30 minutes on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -81,9 +83,9 @@ def default_model(iterations: int) -> dict:
     ]
     cfg = load_config(None, overrides)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as run_dir:
+    with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stdout(sys.stderr):
         trainer = Trainer(cfg, Path(run_dir), progress=False)
-        metrics = trainer.fit()
+        metrics = trainer.fit()  # its progress lines go to stderr: stdout stays pure JSON
     return {
         "model": cfg.model.name,
         "options": cfg.model.options,
