@@ -30,7 +30,7 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
         ("trian.iterations=5", "unknown config key 'trian'"),
         ("train.iterations=abc", "config key 'train.iterations': expected int"),
         ("train.amp=maybe", "config key 'train.amp': expected bool"),
-        ("optim.name=adam", "'adam' is not one of ['sgd', 'adamw']"),
+        ("optim.name=lamb", "'lamb' is not one of ['sgd', 'adam', 'adamw']"),
         ("model.output_stride=12", "config key 'model.output_stride'"),
         ("data.crop_size=0", "config key 'data.crop_size': must be > 0"),
         ("eval.mode=slide", "config key 'eval.crop_size'"),

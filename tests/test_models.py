@@ -113,56 +113,126 @@ def test_all_deeplab_models_registered():
 
 # ------------------------------------------------------------- every registered model
 
+# Every registered model, plus option variants whose code paths differ (norm, legacy head).
+VARIANTS = [(name, {}) for name in list_models()] + [
+    ("deeplabv3plus_mobilenetv2", {"norm": "gn_ws"}),  # GroupNorm with gcd(32, C) groups
+    ("deeplabv3_resnet18", {"norm": "gn_ws", "width_mult": 0.5, "channels": 64}),
+    ("pspnet50", {"norm": "gn_ws", "width_mult": 0.25}),
+    ("segnet", {"legacy_head": True, "width_mult": 0.5}),
+]
+VARIANT_IDS = [name + "".join(f"-{k}={v}" for k, v in opts.items()) for name, opts in VARIANTS]
+EXPORTED = [v for v in VARIANTS if not v[1] or v[0] in ("deeplabv3_resnet18", "segnet")]
+EXPORTED_IDS = [i for i, v in zip(VARIANT_IDS, VARIANTS, strict=True) if v in EXPORTED]
+CLASSIFIERS = {"resnet18_cifar"}  # image classification: logits (N, K), 32x32 inputs
 
-def _build(name: str, seed: int = 0) -> tuple[nn.Module, bool]:
+
+def _input_size(name: str) -> tuple[int, int]:
+    """Odd, non-square sizes for segmentation models."""
+    if name.startswith("pspnet"):  # (H - 1) % 8 == 0; a 6x12 feature map fits every PPM bin,
+        return 41, 89  # which ONNX export needs (no adaptive pooling in ONNX)
+    if name == "segnet":  # odd sizes at the first and last pools
+        return 49, 35
+    return (32, 32) if name in CLASSIFIERS else (97, 75)
+
+
+def _build(name: str, options: dict | None = None, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    aux = "resnet" in name
-    return build_model(name, 5, **({"aux": True} if aux else {})), aux
+    options = dict(options or {})
+    if name.startswith("deeplab") and "resnet" in name:
+        options.setdefault("aux", True)
+    return build_model(name, 5, **options)
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_train_forward_backward(name):
-    model, aux = _build(name)
+def _logits_shape(name: str, batch: int) -> tuple[int, ...]:
+    return (batch, 5) if name in CLASSIFIERS else (batch, 5, *_input_size(name))
+
+
+@pytest.mark.parametrize(("name", "options"), VARIANTS, ids=VARIANT_IDS)
+def test_train_forward_backward(name, options):
+    model = _build(name, options)
+    aux = getattr(model, "aux_classifier", None) is not None
     model.train()
-    x = torch.randn(2, 3, 97, 75)
+    x = torch.randn(2, 3, *_input_size(name))
     out = model(x)
     assert set(out) == ({"out", "aux"} if aux else {"out"})
     for logits in out.values():
-        assert logits.shape == (2, 5, 97, 75)
+        assert logits.shape == _logits_shape(name, 2)
     sum(logits.square().mean() for logits in out.values()).backward()
     for key, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), key
     first_backbone_param = next(model.backbone.parameters())  # stem conv: gradient reaches it
     assert first_backbone_param.grad.abs().sum() > 0
-    assert next(model.classifier.parameters()).grad.abs().sum() > 0
+    backbone = {id(p) for p in model.backbone.parameters()}
+    first_head_param = next(p for p in model.parameters() if id(p) not in backbone)
+    assert first_head_param.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_eval_output_and_state_dict_round_trip(name):
-    model, _ = _build(name, seed=0)
+@pytest.mark.parametrize(("name", "options"), VARIANTS, ids=VARIANT_IDS)
+def test_eval_output_and_state_dict_round_trip(name, options):
+    model = _build(name, options)
     for module in model.modules():  # non-trivial running statistics
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.normal_()
             module.running_var.uniform_(0.5, 2.0)
     model.eval()
-    x = torch.randn(1, 3, 97, 75)
+    x = torch.randn(1, 3, *_input_size(name))
     with torch.no_grad():
         out = model(x)
     assert set(out) == {"out"}
-    assert out["out"].shape == (1, 5, 97, 75)
+    assert out["out"].shape == _logits_shape(name, 1)
 
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
     with torch.device("meta"):  # anything not restored stays on "meta" and fails the forward
-        other, _ = _build(name)
+        other = _build(name, options)
     other.load_state_dict(torch.load(buffer, weights_only=True), assign=True)
     other.eval()
     with torch.no_grad():
         assert torch.equal(other(x)["out"], out["out"])
 
 
-@pytest.mark.parametrize("name", DEEPLAB_MODELS)
+class _Logits(nn.Module):
+    """The ``"out"`` tensor of a model, for export."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # group_norm's batch check
+@pytest.mark.parametrize(("name", "options"), EXPORTED, ids=EXPORTED_IDS)
+def test_onnx_export_matches_pytorch(name, options):
+    pytest.importorskip("onnx", reason="the ONNX export test needs the onnx package")
+    ort = pytest.importorskip("onnxruntime", reason="the ONNX export test needs onnxruntime")
+    # Quarter width: the same graph with 16x fewer weights to serialise.
+    model = _Logits(_build(name, {"width_mult": 0.25, **options})).eval()
+    x = torch.randn(1, 3, *_input_size(name))
+    with torch.no_grad():
+        expected = model(x)
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model, (x,), buffer, dynamo=False, input_names=["image"], output_names=["logits"]
+    )
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = session_options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        buffer.getvalue(), session_options, providers=["CPUExecutionProvider"]
+    )
+    (result,) = session.run(None, {"image": x.numpy()})
+    # within 1e-4 of the logits' scale, which random weights make anything from 1e-6 to 1e2
+    # (measured: ~1e-6, as far as PyTorch float32 is from float64)
+    scale = expected.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(torch.from_numpy(result), expected, atol=1e-4 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list_models())
 def test_backbone_and_head_parameters_partition_the_model(name):
     with torch.device("meta"):
         model = build_model(name, 3)

@@ -1,7 +1,7 @@
 """leanseg: semantic segmentation that is lean in memory, size and time."""
 
 from leanseg.errors import CheckpointError, ConfigError, DataError, LeansegError
-from leanseg.models import build_model, list_models
+from leanseg.models import build_model, list_models, load_pretrained
 
 __version__ = "0.1.0"
 
@@ -12,5 +12,6 @@ __all__ = [
     "LeansegError",
     "build_model",
     "list_models",
+    "load_pretrained",
     "__version__",
 ]

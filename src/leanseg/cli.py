@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--stop-at", type=int, metavar="ITER", help="stop at this iteration, leaving a last.pt"
     )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the recipe: build everything, run 2 batches of generated data, print it",
+    )
     train.set_defaults(func=run_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the validation split")
@@ -71,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _progress_args(predict)
     predict.set_defaults(func=run_predict)
+
+    data = sub.add_parser("data", help="check or prepare a dataset")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    check = data_sub.add_parser("check", help="scan a dataset split for problems before training")
+    _config_args(check)
+    check.add_argument("--split", help="split to scan (default: the training split)")
+    check.set_defaults(func=run_data_check)
+    prepare = data_sub.add_parser("prepare", help="convert a dataset's labels to training form")
+    prepare.add_argument("name", choices=["voc-aug", "cityscapes"])
+    prepare.add_argument("root", help="VOC2012 directory, or the Cityscapes root")
+    prepare.add_argument("--sbd", help="voc-aug: the SBD benchmark_RELEASE directory")
+    prepare.add_argument("--overwrite", action="store_true", help="rewrite existing label PNGs")
+    prepare.set_defaults(func=run_data_prepare)
     return parser
 
 
@@ -96,6 +114,7 @@ def _progress_args(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from leanseg.config import load_config, to_yaml
+    from leanseg.engine.distributed import broadcast, cleanup, init_distributed
     from leanseg.engine.trainer import Trainer, model_summary
 
     if args.resume:
@@ -103,23 +122,46 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = load_config(run_dir / "config.yaml", args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
-        run_dir, checkpoint = _new_run_dir(cfg), None
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    print(f"run directory: {run_dir}", flush=True)
-    trainer = Trainer(cfg, run_dir, progress=args.progress)
-    print(model_summary(trainer.model), flush=True)
-    if checkpoint is not None:
-        trainer.resume(checkpoint)
-        print(f"resumed at iteration {trainer.iteration} from {checkpoint}", flush=True)
-    metrics = trainer.fit(stop_at=args.stop_at)
-    if metrics is not None:
-        print(metrics.format_table(trainer.class_names))
-        (run_dir / "final_metrics.json").write_text(
-            json.dumps(metrics.to_dict(trainer.class_names), indent=2)
-        )
-    print(f"best val mIoU: {trainer.best_miou:.4f}")
-    print(f"run directory: {run_dir}")
+        run_dir, checkpoint = None, None
+    if args.dry_run:
+        return _dry_run(cfg)
+    info = init_distributed(cfg.train.device)
+    say = print if info.is_main else _silent
+    try:
+        if run_dir is None:
+            run_dir = broadcast(_new_run_dir(cfg) if info.is_main else None, info)
+        if info.is_main:
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        say(f"run directory: {run_dir}", flush=True)
+        trainer = Trainer(cfg, run_dir, progress=args.progress)
+        say(model_summary(trainer.model), flush=True)
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+            say(f"resumed at iteration {trainer.iteration} from {checkpoint}", flush=True)
+        metrics = trainer.fit(stop_at=args.stop_at)
+        if metrics is not None and info.is_main:
+            print(metrics.format_table(trainer.class_names))
+            (run_dir / "final_metrics.json").write_text(
+                json.dumps(metrics.to_dict(trainer.class_names), indent=2)
+            )
+        say(f"best val mIoU: {trainer.best_miou:.4f}")
+        say(f"run directory: {run_dir}")
+    finally:
+        cleanup(info)
     return 0
+
+
+def _dry_run(cfg) -> int:
+    from leanseg.data.build import dataset_num_classes
+    from leanseg.engine.dry_run import dry_run
+
+    num_classes = cfg.data.num_classes or dataset_num_classes(cfg.data.dataset)
+    print(dry_run(cfg, num_classes, classification=cfg.data.dataset == "cifar10"))
+    return 0
+
+
+def _silent(*args: object, **kwargs: object) -> None:
+    """print() for ranks other than 0."""
 
 
 def _resume_paths(path: Path) -> tuple[Path, Path]:
@@ -154,6 +196,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from leanseg.config import inference_options
     from leanseg.data.build import build_dataset, val_loader
     from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from leanseg.engine.distributed import cleanup, init_distributed, process_device
     from leanseg.engine.evaluate import evaluate
     from leanseg.engine.runtime import autocast_dtype, select_device
     from leanseg.errors import CheckpointError
@@ -166,22 +209,71 @@ def run_eval(args: argparse.Namespace) -> int:
             f"checkpoint '{args.checkpoint}' predicts {payload['num_classes']} classes but the "
             f"dataset has {dataset.num_classes}: set data.num_classes or use a matching checkpoint"
         )
-    device = select_device(cfg.train.device)
-    model = model_from_checkpoint(payload, args.checkpoint).to(device)
-    matrix = evaluate(
-        model,
-        val_loader(dataset, cfg.data, pin_memory=device.type == "cuda"),
-        num_classes=dataset.num_classes,
-        ignore_index=cfg.data.ignore_index,
-        device=device,
-        **inference_options(cfg.eval),
-        amp_dtype=autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, device),
-        progress=args.progress is not False,
-    )
-    metrics = matrix.compute()
-    print(metrics.format_table(dataset.class_names))
-    if args.out:
-        Path(args.out).write_text(json.dumps(metrics.to_dict(dataset.class_names), indent=2))
+    info = init_distributed(cfg.train.device)
+    try:
+        device = process_device(select_device(cfg.train.device), info)
+        model = model_from_checkpoint(payload, args.checkpoint).to(device)
+        loader = val_loader(
+            dataset,
+            cfg.data,
+            pin_memory=device.type == "cuda",
+            rank=info.rank,
+            world_size=info.world_size,
+        )
+        matrix = evaluate(
+            model,
+            loader,
+            num_classes=dataset.num_classes,
+            ignore_index=cfg.data.ignore_index,
+            device=device,
+            amp_dtype=autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, device),
+            progress=info.is_main and args.progress is not False,
+            **inference_options(cfg.eval),
+        )
+    finally:
+        cleanup(info)
+    if info.is_main:
+        metrics = matrix.compute()
+        print(metrics.format_table(dataset.class_names))
+        if args.out:
+            report = metrics.to_dict(dataset.class_names)
+            report["confusion_matrix"] = matrix.matrix.tolist()
+            Path(args.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def run_data_check(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from leanseg.config import load_config
+    from leanseg.data.check import check_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    bar = tqdm(desc="check", disable=None if args.progress is None else not args.progress)
+
+    def advance(index: int, total: int) -> None:
+        bar.total = total
+        bar.update(1)
+
+    report = check_dataset(cfg.data, args.split, on_sample=advance)
+    bar.close()
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def run_data_prepare(args: argparse.Namespace) -> int:
+    from leanseg.errors import ConfigError
+
+    if args.name == "voc-aug":
+        from leanseg.data.voc_aug import prepare_voc_aug
+
+        if not args.sbd:
+            raise ConfigError("leanseg data prepare voc-aug needs --sbd PATH (benchmark_RELEASE)")
+        print(prepare_voc_aug(args.root, args.sbd, overwrite=args.overwrite))
+    else:
+        from leanseg.data.cityscapes import prepare_cityscapes
+
+        print(prepare_cityscapes(args.root, overwrite=args.overwrite))
     return 0
 
 

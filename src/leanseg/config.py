@@ -29,7 +29,8 @@ class DataConfig:
     val_split: str = "val"
     num_classes: int | None = None  # None: the dataset's own class count
     ignore_index: int = 255
-    crop_size: int = 112
+    crop_size: int = 112  # crop height (and width unless crop_width is set)
+    crop_width: int | None = None
     scale_min: float = 0.75
     scale_max: float = 1.5
     rotate: float = 0.0
@@ -42,6 +43,9 @@ class DataConfig:
     synthetic_seed: int = 0
     synthetic_train: int = 1000
     synthetic_val: int = 100
+    list_file: str | None = None  # pair list per split, e.g. "list/{split}.txt" (semseg/chenxi)
+    palette_file: str | None = None  # folder: one "R G B [name]" line per class (colour masks)
+    class_names: list[str] | None = None  # None: the dataset's own names
 
 
 @dataclass
@@ -63,7 +67,7 @@ class ModelConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    name: str = "adamw"  # the seeds' recipes use sgd (momentum 0.9, wd 1e-4)
+    name: str = "adamw"  # sgd | adam | adamw; the seeds' recipes use sgd (momentum 0.9)
     lr: float = 0.002
     backbone_lr_mult: float = 1.0
     momentum: float = 0.9
@@ -115,9 +119,18 @@ class Config:
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "data.dataset": ("synthetic", "voc"),
+    "data.dataset": (
+        "synthetic",
+        "voc",
+        "voc_aug",
+        "cityscapes",
+        "ade20k",
+        "camvid",
+        "folder",
+        "cifar10",
+    ),
     "model.output_stride": (8, 16),
-    "optim.name": ("sgd", "adamw"),
+    "optim.name": ("sgd", "adam", "adamw"),
     "optim.schedule": ("poly", "cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp_dtype": ("auto", "bf16", "fp16"),

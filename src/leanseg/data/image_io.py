@@ -17,22 +17,38 @@ _JPEG_EOI = b"\xff\xd9"
 _JPEG_TAIL = 4096  # the end-of-image marker must lie this close to the end of a complete JPEG
 
 
+class MissingFileError(DataError):
+    """A file that a list or a layout names does not exist."""
+
+
+class UnreadableFileError(DataError):
+    """A file exists but cannot be read or decoded (corrupt, truncated, unsupported mode)."""
+
+
+class ColourMaskError(DataError):
+    """A colour (palette-RGB) mask where an index mask is expected."""
+
+
 def _read_bytes(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{path}: {what} not found; check the path or the list file") from None
+        raise MissingFileError(
+            f"{path}: {what} not found; check the path or the list file"
+        ) from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected an {what} file") from None
+        raise UnreadableFileError(f"{path}: is a directory, expected an {what} file") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read {what} ({e.strerror}); check permissions") from None
+        raise UnreadableFileError(
+            f"{path}: cannot read {what} ({e.strerror}); check permissions"
+        ) from None
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as an ``HxWx3`` uint8 RGB array (grey images are expanded to RGB)."""
     path = Path(path)
     data = _read_bytes(path, "image")
-    bad = DataError(
+    bad = UnreadableFileError(
         f"{path}: cannot decode image (corrupt or not an image); "
         "re-export or remove it from the list file"
     )
@@ -46,32 +62,49 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read an index mask (palette "P" or grey "L" PNG) as an ``HxW`` uint8 array of class ids."""
+def read_mask(path: str | os.PathLike, *, allow_rgb: bool = False) -> np.ndarray:
+    """Read an index mask (palette "P" or grey "L" PNG) as an ``HxW`` uint8 array of class ids.
+
+    With ``allow_rgb`` a colour mask comes back as an ``HxWx3`` uint8 RGB array instead of
+    raising :class:`ColourMaskError` (for datasets that convert colours with a palette).
+    """
     path = Path(path)
     if not path.is_file():
         if path.exists():
-            raise DataError(f"{path}: is a directory, expected a mask file")
-        raise DataError(f"{path}: mask not found; check the path or the list file")
+            raise UnreadableFileError(f"{path}: is a directory, expected a mask file")
+        raise MissingFileError(f"{path}: mask not found; check the path or the list file")
     try:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
             if mode in ("P", "L"):
                 return np.array(img, dtype=np.uint8)
+            if allow_rgb and mode in ("RGB", "RGBA"):
+                return np.array(img.convert("RGB"), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(
+        raise UnreadableFileError(
             f"{path}: cannot decode mask ({e}); re-export it or remove it from the list file"
         ) from None
     if mode in ("RGB", "RGBA"):
-        raise DataError(
+        raise ColourMaskError(
             f"{path}: is a colour (palette-RGB, mode {mode}) mask but an index mask is expected; "
             "convert it to a palette ('P') or greyscale PNG whose pixel values are class ids"
         )
-    raise DataError(
+    raise UnreadableFileError(
         f"{path}: mask has image mode {mode!r}; expected a palette ('P') or 8-bit greyscale ('L') "
         "PNG whose pixel values are class ids"
     )
+
+
+def write_label_png(path: str | os.PathLike, mask: np.ndarray) -> None:
+    """Write an ``HxW`` uint8 mask as a single-channel ("L") PNG, atomically (temp + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8)).save(tmp, "PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_mask_png(

@@ -54,3 +54,20 @@ class ResumableSampler(Sampler):
                     position = step * global_batch + self.rank * self.batch_size + slot
                     yield int(order[position]), [self.seed, epoch, position]
             epoch, skip = epoch + 1, 0
+
+
+class ShardSampler(Sampler):
+    """Evaluation order split over ranks without padding: rank r gets r, r + W, r + 2W, ...
+
+    Unlike DistributedSampler it never repeats a sample, so a confusion matrix summed over
+    ranks equals the single-process one exactly.
+    """
+
+    def __init__(self, length: int, *, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

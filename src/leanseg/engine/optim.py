@@ -17,7 +17,8 @@ def build_optimizer(
     momentum: float,
     weight_decay: float,
 ) -> torch.optim.Optimizer:
-    """SGD or AdamW; ``model.backbone`` at ``lr * backbone_lr_mult``, the rest at ``lr``.
+    """SGD, Adam (L2 weight decay) or AdamW; ``model.backbone`` at ``lr * backbone_lr_mult``,
+    the rest at ``lr``.
 
     Each group remembers its base LR in ``initial_lr`` so schedules can scale it.
     """
@@ -36,6 +37,8 @@ def build_optimizer(
         group["lr"] = group["initial_lr"]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 

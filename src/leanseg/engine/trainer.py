@@ -10,11 +10,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from leanseg.config import Config, inference_options, to_dict
 from leanseg.data.build import build_datasets, train_loader, val_loader
 from leanseg.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from leanseg.engine.distributed import barrier, current, process_device, wrap_model
 from leanseg.engine.evaluate import evaluate
 from leanseg.engine.metrics import SegMetrics
 from leanseg.engine.optim import build_optimizer, lr_factor, set_lr
@@ -27,15 +29,21 @@ from leanseg.engine.runtime import (
     set_rng_state,
 )
 from leanseg.models import build_model
+from leanseg.models import model_options as accepted_options
 from leanseg.viz import prediction_panels
 
 
 def model_options(cfg: Config) -> dict[str, Any]:
-    """Keyword options of the model builder, as recorded in checkpoints."""
+    """Keyword options of the model builder, as recorded in checkpoints.
+
+    ``model.output_stride`` and ``model.aux`` apply to the models that have them.
+    """
     options = dict(cfg.model.options)
-    options.setdefault("output_stride", cfg.model.output_stride)
-    if cfg.model.aux:
-        options.setdefault("aux", True)
+    accepted = accepted_options(cfg.model.name)
+    if "output_stride" in accepted:
+        options.setdefault("output_stride", cfg.model.output_stride)
+    if "aux" in accepted:
+        options.setdefault("aux", cfg.model.aux)
     return options
 
 
@@ -53,16 +61,32 @@ def segmentation_loss(
 class Trainer:
     """Owns the model, optimizer and data of one run directory."""
 
-    def __init__(self, cfg: Config, run_dir: Path, *, progress: bool | None = None) -> None:
-        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
-        self.device = select_device(cfg.train.device)
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        *,
+        progress: bool | None = None,
+        datasets: tuple[Dataset, Dataset] | None = None,
+    ) -> None:
+        """``datasets`` replaces the config's (train, val) datasets, e.g. for ``--dry-run``."""
+        self.cfg, self.run_dir = cfg, run_dir
+        self.dist = current()
+        self.progress = progress if self.dist.is_main else False
+        self.device = process_device(select_device(cfg.train.device), self.dist)
         self.amp_dtype = autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, self.device)
         seed_everything(cfg.train.seed)
-        self.train_set, self.val_set = build_datasets(cfg.data)
+        if not self.dist.is_main:
+            barrier(self.dist)  # rank 0 prepares (e.g. generates) the data first
+        self.train_set, self.val_set = datasets or build_datasets(cfg.data)
+        if self.dist.is_main:
+            barrier(self.dist)
         self.num_classes = self.train_set.num_classes
         self.class_names = list(self.train_set.class_names)
         self.options = model_options(cfg)
-        self.model = build_model(cfg.model.name, self.num_classes, **self.options).to(self.device)
+        model = build_model(cfg.model.name, self.num_classes, **self.options).to(self.device)
+        self.net = wrap_model(model, self.device, self.dist)  # DDP + SyncBN when distributed
+        self.model = self.net.module if self.net is not model else model
         self.optimizer = build_optimizer(
             self.model,
             name=cfg.optim.name,
@@ -76,7 +100,11 @@ class Trainer:
         )
         self.iteration = 0
         self.best_miou = float("-inf")
-        self.log = RunLog(run_dir, tensorboard=cfg.train.tensorboard)
+        self.log = RunLog(run_dir, tensorboard=cfg.train.tensorboard, enabled=self.dist.is_main)
+
+    def _save(self, name: str) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir / name, self._payload())
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _payload(self) -> dict[str, Any]:
@@ -122,7 +150,7 @@ class Trainer:
         )
         set_lr(self.optimizer, factor, cfg.optim.min_lr)
         with self._autocast():
-            outputs = self.model(images)
+            outputs = self.net(images)
         loss = segmentation_loss(
             outputs, masks, ignore_index=cfg.data.ignore_index, aux_weight=cfg.model.aux_weight
         )
@@ -148,8 +176,10 @@ class Trainer:
             seed=cfg.train.seed,
             start_iteration=self.iteration,
             pin_memory=pin,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
-        self.model.train()
+        self.net.train()
         bar = tqdm(
             total=total,
             initial=self.iteration,
@@ -177,21 +207,27 @@ class Trainer:
                     running = []
                 if self.iteration % cfg.train.val_interval == 0 or self.iteration == total:
                     metrics = self.validate()
-                    self.model.train()
+                    self.net.train()
         except KeyboardInterrupt:
-            save_checkpoint(self.run_dir / "last.pt", self._payload())
+            self._save("last.pt")
             bar.close()
             raise
         bar.close()
         if self.iteration < total:  # stopped early: leave a resumable checkpoint
-            save_checkpoint(self.run_dir / "last.pt", self._payload())
+            self._save("last.pt")
         self.log.close()
         return metrics
 
     def validate(self) -> SegMetrics:
         """Evaluate on the val split, log, and write last.pt (and best.pt on a new best mIoU)."""
         cfg = self.cfg
-        loader = val_loader(self.val_set, cfg.data, pin_memory=self.device.type == "cuda")
+        loader = val_loader(
+            self.val_set,
+            cfg.data,
+            pin_memory=self.device.type == "cuda",
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
         matrix = evaluate(
             self.model,
             loader,
@@ -210,14 +246,15 @@ class Trainer:
             prefix="val",
         )
         self._log_samples()
-        tqdm.write(
-            f"[iter {self.iteration}/{cfg.train.iterations}] val mIoU {metrics.miou:.4f} "
-            f"mAcc {metrics.mean_acc:.4f} allAcc {metrics.all_acc:.4f}"
-        )
+        if self.dist.is_main:
+            tqdm.write(
+                f"[iter {self.iteration}/{cfg.train.iterations}] val mIoU {metrics.miou:.4f} "
+                f"mAcc {metrics.mean_acc:.4f} allAcc {metrics.all_acc:.4f}"
+            )
         if metrics.miou > self.best_miou:
             self.best_miou = metrics.miou
-            save_checkpoint(self.run_dir / "best.pt", self._payload())
-        save_checkpoint(self.run_dir / "last.pt", self._payload())
+            self._save("best.pt")
+        self._save("last.pt")
         return metrics
 
     def _log_samples(self) -> None:
@@ -225,6 +262,8 @@ class Trainer:
         if count == 0 or self.log.writer is None:
             return
         samples = [self.val_set[i] for i in range(count)]
+        if samples[0][1].ndim < 2:  # classification targets: nothing to paint
+            return
         panels = prediction_panels(self.model, samples, self.device, self.val_set.palette)
         self.log.images("val/samples", panels, self.iteration)
 

@@ -1,6 +1,14 @@
-"""Segmentation models, built by name."""
+"""Segmentation (and CIFAR classification) models, built by name."""
 
-from leanseg.models import deeplab  # noqa: F401  (registers the DeepLab builders)
-from leanseg.models.registry import build_model, list_models, register_model
+from leanseg.models import cifar_resnet, deeplab, pspnet, segnet  # noqa: F401  (registration)
+from leanseg.models.pretrained import LoadReport, load_pretrained
+from leanseg.models.registry import build_model, list_models, model_options, register_model
 
-__all__ = ["build_model", "list_models", "register_model"]
+__all__ = [
+    "LoadReport",
+    "build_model",
+    "list_models",
+    "load_pretrained",
+    "model_options",
+    "register_model",
+]

@@ -8,35 +8,34 @@ DeepLabV3 keeps torchvision's state-dict layout (``classifier.0`` = ASPP, ``clas
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanseg.errors import ConfigError
 from leanseg.models.backbones import build_backbone
-from leanseg.models.layers import ConvNormAct, NormLayer, init_weights_, make_norm_layer
-from leanseg.models.registry import register_model
-
-
-def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+from leanseg.models.base import SegmentationModel, aux_head, resize
+from leanseg.models.layers import ConvLayer, ConvNormAct, NormLayer, init_weights_, norm_layers
+from leanseg.models.registry import register_builder
 
 
 class ASPPPooling(nn.Sequential):
     """Image pooling branch: global average pool -> 1x1 conv -> norm -> ReLU -> upsample."""
 
-    def __init__(self, in_channels: int, channels: int, norm_layer: NormLayer) -> None:
+    def __init__(
+        self, in_channels: int, channels: int, norm_layer: NormLayer, conv_layer: ConvLayer
+    ) -> None:
         super().__init__(
             nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(in_channels, channels, 1, bias=False),
+            conv_layer(in_channels, channels, 1, bias=False),
             norm_layer(channels),
             nn.ReLU(inplace=True),
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return _resize(super().forward(x), x.shape[-2:])
+        return resize(super().forward(x), x.shape[-2:])
 
 
 class ASPP(nn.Module):
@@ -49,17 +48,17 @@ class ASPP(nn.Module):
         channels: int = 256,
         dropout: float = 0.1,
         norm_layer: NormLayer = nn.BatchNorm2d,
+        conv_layer: ConvLayer = nn.Conv2d,
     ) -> None:
         super().__init__()
-        branches: list[nn.Module] = [ConvNormAct(in_channels, channels, 1, norm_layer=norm_layer)]
+        layers = {"norm_layer": norm_layer, "conv_layer": conv_layer}
+        branches: list[nn.Module] = [ConvNormAct(in_channels, channels, 1, **layers)]
         for rate in rates:
-            branches.append(
-                ConvNormAct(in_channels, channels, 3, dilation=rate, norm_layer=norm_layer)
-            )
-        branches.append(ASPPPooling(in_channels, channels, norm_layer))
+            branches.append(ConvNormAct(in_channels, channels, 3, dilation=rate, **layers))
+        branches.append(ASPPPooling(in_channels, channels, norm_layer, conv_layer))
         self.convs = nn.ModuleList(branches)
         self.project = nn.Sequential(
-            nn.Conv2d(len(branches) * channels, channels, 1, bias=False),
+            conv_layer(len(branches) * channels, channels, 1, bias=False),
             norm_layer(channels),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
@@ -67,18 +66,6 @@ class ASPP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.project(torch.cat([branch(x) for branch in self.convs], dim=1))
-
-
-def fcn_head(in_channels: int, num_classes: int, norm_layer: NormLayer) -> nn.Sequential:
-    """torchvision's FCN auxiliary head: 3x3 to in/4 -> norm -> ReLU -> Dropout(0.1) -> 1x1 to K."""
-    inter = in_channels // 4
-    return nn.Sequential(
-        nn.Conv2d(in_channels, inter, 3, padding=1, bias=False),
-        norm_layer(inter),
-        nn.ReLU(inplace=True),
-        nn.Dropout(0.1),
-        nn.Conv2d(inter, num_classes, 1),
-    )
 
 
 class DeepLabV3PlusHead(nn.Module):
@@ -93,13 +80,16 @@ class DeepLabV3PlusHead(nn.Module):
         aspp_dropout: float,
         channels: int,
         norm_layer: NormLayer,
+        conv_layer: ConvLayer = nn.Conv2d,
         low_project_channels: int = 48,
     ) -> None:
         super().__init__()
-        self.project = ConvNormAct(low_channels, low_project_channels, 1, norm_layer=norm_layer)
-        self.aspp = ASPP(in_channels, aspp_rates, channels, aspp_dropout, norm_layer)
+        self.project = ConvNormAct(
+            low_channels, low_project_channels, 1, norm_layer=norm_layer, conv_layer=conv_layer
+        )
+        self.aspp = ASPP(in_channels, aspp_rates, channels, aspp_dropout, norm_layer, conv_layer)
         self.classifier = nn.Sequential(
-            nn.Conv2d(channels + low_project_channels, channels, 3, padding=1, bias=False),
+            conv_layer(channels + low_project_channels, channels, 3, padding=1, bias=False),
             norm_layer(channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(channels, num_classes, 1),
@@ -107,44 +97,11 @@ class DeepLabV3PlusHead(nn.Module):
 
     def forward(self, low: Tensor, out: Tensor) -> Tensor:
         low = self.project(low)
-        out = _resize(self.aspp(out), low.shape[-2:])
+        out = resize(self.aspp(out), low.shape[-2:])
         return self.classifier(torch.cat([low, out], dim=1))
 
 
-def _aux_head(
-    backbone: nn.Module, num_classes: int, norm_layer: NormLayer, aux: bool
-) -> nn.Module | None:
-    """The FCN aux head on layer3 when ``aux``; ConfigError for backbones without layer3."""
-    if not aux:
-        return None
-    if getattr(backbone, "aux_channels", None) is None:
-        raise ConfigError(
-            f"aux: {type(backbone).__name__} has no layer3 features for an auxiliary head; "
-            "set aux=False or use a ResNet backbone"
-        )
-    head = fcn_head(backbone.aux_channels, num_classes, norm_layer)
-    init_weights_(head)
-    return head
-
-
-class _DeepLab(nn.Module):
-    """Shared forward: ``backbone`` -> ``classifier`` (+ ``aux_classifier`` in training)."""
-
-    backbone: nn.Module
-    aux_classifier: nn.Module | None
-
-    def _logits(self, features: dict[str, Tensor]) -> Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        features = self.backbone(x)
-        result = {"out": _resize(self._logits(features), x.shape[-2:])}
-        if self.aux_classifier is not None and self.training:
-            result["aux"] = _resize(self.aux_classifier(features["aux"]), x.shape[-2:])
-        return result
-
-
-class DeepLabV3(_DeepLab):
+class DeepLabV3(SegmentationModel):
     """DeepLabV3: ASPP on the last backbone stage [-> 3x3 conv/BN/ReLU] -> 1x1 to K."""
 
     def __init__(
@@ -157,27 +114,30 @@ class DeepLabV3(_DeepLab):
         aux: bool = False,
         channels: int = 256,
         norm_layer: NormLayer | None = None,
+        conv_layer: ConvLayer = nn.Conv2d,
     ) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         self.backbone = backbone
-        layers = [ASPP(backbone.out_channels, aspp_rates, channels, aspp_dropout, norm_layer)]
+        layers = [
+            ASPP(backbone.out_channels, aspp_rates, channels, aspp_dropout, norm_layer, conv_layer)
+        ]
         if head_conv:
             layers += [
-                nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                conv_layer(channels, channels, 3, padding=1, bias=False),
                 norm_layer(channels),
                 nn.ReLU(inplace=True),
             ]
         layers.append(nn.Conv2d(channels, num_classes, 1))
         self.classifier = nn.Sequential(*layers)
         init_weights_(self.classifier)
-        self.aux_classifier = _aux_head(backbone, num_classes, norm_layer, aux)
+        self.aux_classifier = aux_head(backbone, num_classes, norm_layer, conv_layer, aux)
 
     def _logits(self, features: dict[str, Tensor]) -> Tensor:
         return self.classifier(features["out"])
 
 
-class DeepLabV3Plus(_DeepLab):
+class DeepLabV3Plus(SegmentationModel):
     """DeepLabV3+: ASPP plus a decoder on the stride-4 low-level features."""
 
     def __init__(
@@ -189,6 +149,7 @@ class DeepLabV3Plus(_DeepLab):
         aux: bool = False,
         channels: int = 256,
         norm_layer: NormLayer | None = None,
+        conv_layer: ConvLayer = nn.Conv2d,
     ) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
@@ -201,9 +162,10 @@ class DeepLabV3Plus(_DeepLab):
             aspp_dropout,
             channels,
             norm_layer,
+            conv_layer,
         )
         init_weights_(self.classifier)
-        self.aux_classifier = _aux_head(backbone, num_classes, norm_layer, aux)
+        self.aux_classifier = aux_head(backbone, num_classes, norm_layer, conv_layer, aux)
 
     def _logits(self, features: dict[str, Tensor]) -> Tensor:
         return self.classifier(features["low"], features["out"])
@@ -229,8 +191,6 @@ def _build(
     **backbone_options,
 ) -> nn.Module:
     """Validate the shared options, build the backbone, then DeepLabV3 (``arch="v3"``) or V3+."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"num_classes: got {num_classes!r}; must be a positive int")
     if output_stride not in _DEFAULT_RATES:
         raise ConfigError(f"output_stride: got {output_stride!r}; choose one of [8, 16]")
     rates = _DEFAULT_RATES[output_stride] if aspp_rates is None else tuple(aspp_rates)
@@ -238,15 +198,15 @@ def _build(
         raise ConfigError(f"aspp_rates: got {aspp_rates!r}; give 3 positive ints, or None")
     if not 0.0 <= aspp_dropout < 1.0:
         raise ConfigError(f"aspp_dropout: got {aspp_dropout!r}; must be in [0, 1)")
-    norm_layer = make_norm_layer(norm)
+    layers = norm_layers(norm)
     backbone = build_backbone(
-        backbone_name, output_stride=output_stride, norm_layer=norm_layer, **backbone_options
+        backbone_name, output_stride=output_stride, **layers, **backbone_options
     )
     if arch == "v3":
         return DeepLabV3(
-            backbone, num_classes, rates, aspp_dropout, head_conv, aux, channels, norm_layer
+            backbone, num_classes, rates, aspp_dropout, head_conv, aux, channels, **layers
         )
-    return DeepLabV3Plus(backbone, num_classes, rates, aspp_dropout, aux, channels, norm_layer)
+    return DeepLabV3Plus(backbone, num_classes, rates, aspp_dropout, aux, channels, **layers)
 
 
 # Options each builder accepts, with their defaults; ``num_classes`` is always required.
@@ -255,7 +215,7 @@ _COMMON: dict[str, Any] = {
     "aspp_rates": None,  # None: (6, 12, 18) at OS16, (12, 24, 36) at OS8
     "aspp_dropout": 0.1,
     "channels": 256,  # ASPP / head width
-    "norm": "bn",
+    "norm": "bn",  # "bn" or "gn_ws" (GroupNorm 32 + weight standardisation)
     "width_mult": 1.0,  # backbone width; 1.0 keeps torchvision's shapes
 }
 _RESNET = {"aux": False, "multi_grid": None}  # aux: FCN head on layer3 (torchvision layout)
@@ -265,19 +225,7 @@ _V3 = {"head_conv": True}  # 3x3 conv -> BN -> ReLU between ASPP and the classif
 def _register(arch: str, backbone: str, options: dict[str, Any], doc: str) -> None:
     """Register ``deeplabv3[plus]_<backbone>``; unknown options are one-line ConfigErrors."""
     name = f"deeplabv3{'plus' if arch == 'v3+' else ''}_{backbone}"
-
-    def builder(*, num_classes: int, **given: Any) -> nn.Module:
-        unknown = sorted(set(given) - set(options))
-        if unknown:
-            raise ConfigError(
-                f"{name}: unknown option(s) {unknown}; accepted options: {sorted(options)}"
-            )
-        return _build(arch, backbone, num_classes=num_classes, **{**options, **given})
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = f"{doc}\n\nOptions (defaults): {options}"
-    builder.default_options = dict(options)
-    register_model(builder)
+    register_builder(name, partial(_build, arch, backbone), options, doc)
 
 
 for _backbone in ("resnet18", "resnet50", "resnet101"):

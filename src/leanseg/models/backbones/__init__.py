@@ -9,11 +9,14 @@ from torch import nn
 from leanseg.errors import ConfigError
 from leanseg.models.backbones.mobilenetv2 import InvertedResidual, MobileNetV2, mobilenetv2
 from leanseg.models.backbones.resnet import BasicBlock, Bottleneck, ResNet, resnet
+from leanseg.models.backbones.resnet_deep_stem import resnet_deep_stem
 
 BACKBONES = {
     "resnet18": partial(resnet, "resnet18"),
     "resnet50": partial(resnet, "resnet50"),
     "resnet101": partial(resnet, "resnet101"),
+    "resnet50_deep_stem": partial(resnet_deep_stem, "resnet50"),
+    "resnet101_deep_stem": partial(resnet_deep_stem, "resnet101"),
     "mobilenetv2": mobilenetv2,
 }
 
@@ -35,4 +38,5 @@ __all__ = [
     "build_backbone",
     "mobilenetv2",
     "resnet",
+    "resnet_deep_stem",
 ]

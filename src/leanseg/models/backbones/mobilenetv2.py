@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from leanseg.errors import ConfigError
-from leanseg.models.layers import ConvNormAct, NormLayer, init_weights_, make_divisible
+from leanseg.models.layers import ConvLayer, ConvNormAct, NormLayer, init_weights_, make_divisible
 
 # (expand ratio t, channels c, repeats n, first stride s) from the MobileNetV2 paper
 _SETTINGS = (
@@ -36,18 +36,18 @@ class InvertedResidual(nn.Module):
         dilation: int,
         expand_ratio: int,
         norm_layer: NormLayer = nn.BatchNorm2d,
+        conv_layer: ConvLayer = nn.Conv2d,
     ) -> None:
         super().__init__()
         hidden = int(round(in_channels * expand_ratio))
         self.use_res_connect = stride == 1 and in_channels == out_channels
+        act = {"norm_layer": norm_layer, "activation": nn.ReLU6, "conv_layer": conv_layer}
         layers: list[nn.Module] = []
         if expand_ratio != 1:
-            layers.append(
-                ConvNormAct(in_channels, hidden, 1, norm_layer=norm_layer, activation=nn.ReLU6)
-            )
+            layers.append(ConvNormAct(in_channels, hidden, 1, **act))
         layers += [
-            ConvNormAct(hidden, hidden, 3, stride, dilation, hidden, norm_layer, nn.ReLU6),
-            nn.Conv2d(hidden, out_channels, 1, bias=False),
+            ConvNormAct(hidden, hidden, 3, stride, dilation, hidden, **act),
+            conv_layer(hidden, out_channels, 1, bias=False),
             norm_layer(out_channels),
         ]
         self.conv = nn.Sequential(*layers)
@@ -65,6 +65,7 @@ class MobileNetV2(nn.Module):
         output_stride: int = 32,
         width_mult: float = 1.0,
         norm_layer: NormLayer | None = None,
+        conv_layer: ConvLayer = nn.Conv2d,
     ) -> None:
         super().__init__()
         if output_stride not in (8, 16, 32):
@@ -74,7 +75,9 @@ class MobileNetV2(nn.Module):
         norm_layer = norm_layer or nn.BatchNorm2d
         channels = make_divisible(32 * width_mult)
         features: list[nn.Module] = [
-            ConvNormAct(3, channels, 3, stride=2, norm_layer=norm_layer, activation=nn.ReLU6)
+            ConvNormAct(
+                3, channels, 3, 2, norm_layer=norm_layer, activation=nn.ReLU6, conv_layer=conv_layer
+            )
         ]
         current_stride, dilation = 2, 1
         for t, c, n, s in _SETTINGS:
@@ -93,6 +96,7 @@ class MobileNetV2(nn.Module):
                         previous_dilation if i == 0 else dilation,
                         t,
                         norm_layer,
+                        conv_layer,
                     )
                 )
                 channels = out_channels
@@ -113,7 +117,11 @@ class MobileNetV2(nn.Module):
 
 
 def mobilenetv2(
-    *, output_stride: int = 32, width_mult: float = 1.0, norm_layer: NormLayer | None = None
+    *,
+    output_stride: int = 32,
+    width_mult: float = 1.0,
+    norm_layer: NormLayer | None = None,
+    conv_layer: ConvLayer = nn.Conv2d,
 ) -> MobileNetV2:
     """Build a MobileNetV2 backbone at output stride 8, 16 or 32."""
-    return MobileNetV2(output_stride, width_mult, norm_layer)
+    return MobileNetV2(output_stride, width_mult, norm_layer, conv_layer)

@@ -1,0 +1,89 @@
+"""Pieces the segmentation models share: the backbone -> classifier forward and the FCN head."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from leanseg.errors import ConfigError
+from leanseg.models.layers import ConvLayer, NormLayer, init_weights_
+
+
+def resize(x: Tensor, size: Sequence[int], align_corners: bool = False) -> Tensor:
+    """Bilinear resize of ``x`` to ``size`` (H, W)."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+def fcn_head(
+    in_channels: int,
+    num_classes: int,
+    norm_layer: NormLayer,
+    conv_layer: ConvLayer = nn.Conv2d,
+    *,
+    inter_channels: int | None = None,
+    dropout: float = 0.1,
+    dropout_layer: Callable[[float], nn.Module] = nn.Dropout,
+) -> nn.Sequential:
+    """3x3 conv to ``inter_channels`` (in/4) -> norm -> ReLU -> dropout -> 1x1 conv to K.
+
+    torchvision's FCN auxiliary head with the defaults; semseg's PSPNet heads use ``Dropout2d``.
+    The final 1x1 classifier is always a plain ``nn.Conv2d`` (with bias).
+    """
+    inter = in_channels // 4 if inter_channels is None else inter_channels
+    return nn.Sequential(
+        conv_layer(in_channels, inter, 3, padding=1, bias=False),
+        norm_layer(inter),
+        nn.ReLU(inplace=True),
+        dropout_layer(dropout),
+        nn.Conv2d(inter, num_classes, 1),
+    )
+
+
+def aux_head(
+    backbone: nn.Module,
+    num_classes: int,
+    norm_layer: NormLayer,
+    conv_layer: ConvLayer,
+    aux: bool,
+    **head_options: object,
+) -> nn.Module | None:
+    """An initialised :func:`fcn_head` on the backbone's layer3 features when ``aux``.
+
+    Raises ConfigError for backbones without layer3 features.
+    """
+    if not aux:
+        return None
+    if getattr(backbone, "aux_channels", None) is None:
+        raise ConfigError(
+            f"aux: {type(backbone).__name__} has no layer3 features for an auxiliary head; "
+            "set aux=False or use a ResNet backbone"
+        )
+    head = fcn_head(backbone.aux_channels, num_classes, norm_layer, conv_layer, **head_options)
+    init_weights_(head)
+    return head
+
+
+class SegmentationModel(nn.Module):
+    """Shared forward: ``backbone`` -> ``classifier`` (+ ``aux_classifier`` in training).
+
+    Returns ``{"out": logits}`` (plus ``"aux"`` in training when there is an aux head), both
+    bilinearly upsampled to the input size with ``align_corners``.
+    """
+
+    backbone: nn.Module
+    aux_classifier: nn.Module | None
+    align_corners = False
+
+    def _logits(self, features: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        size = x.shape[-2:]
+        features = self.backbone(x)
+        result = {"out": resize(self._logits(features), size, self.align_corners)}
+        if self.aux_classifier is not None and self.training:
+            aux = self.aux_classifier(features["aux"])
+            result["aux"] = resize(aux, size, self.align_corners)
+        return result

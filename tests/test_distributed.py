@@ -1,0 +1,67 @@
+"""torchrun with 2 CPU processes (gloo): training works, and evaluating its checkpoint with 2
+processes gives exactly the single-process confusion matrix."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.test_cli import TINY, only_run
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "leanseg",
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def single(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "leanseg", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def test_two_process_training_and_sharded_eval_match_single_process(tmp_path):
+    work, cache = tmp_path / "runs", tmp_path / "cache"
+    args = [
+        *TINY,
+        f"data.root={cache}",
+        f"train.work_dir={work}",
+        "train.iterations=4",
+        "train.val_interval=2",
+        "data.synthetic_val=5",
+    ]
+    result = torchrun("train", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = only_run(work)  # one run directory: rank 0 made it, rank 1 used the same
+    assert result.stdout.count("best val mIoU") == 1  # only rank 0 reports
+    payload = torch.load(run / "last.pt", weights_only=True)
+    assert payload["iteration"] == 4
+
+    two, one = tmp_path / "two.json", tmp_path / "one.json"
+    result = torchrun("eval", "--checkpoint", str(run / "last.pt"), "--out", str(two), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = single("eval", "--checkpoint", str(run / "last.pt"), "--out", str(one), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    matrix_two = json.loads(two.read_text())["confusion_matrix"]
+    matrix_one = json.loads(one.read_text())["confusion_matrix"]
+    assert matrix_two == matrix_one
+    assert sum(map(sum, matrix_one)) > 0
