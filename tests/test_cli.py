@@ -231,3 +231,40 @@ def test_amp_bf16_training_on_cpu(cache, tmp_path):
         torch.isfinite(v).all() for v in payload["state_dict"].values() if v.is_floating_point()
     )
     assert payload["config"]["train"]["amp"] is True
+
+
+def test_pretrained_weights_load_through_the_config(cache, tmp_path, capsys):
+    from leanseg import build_model
+
+    donor = build_model("deeplabv3plus_resnet18", 7, width_mult=0.25, channels=16)
+    weights = tmp_path / "imagenet.pth"
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in donor.backbone.state_dict().items()}}, weights
+    )
+    work = tmp_path / "runs"
+    args = tiny(
+        cache,
+        work,
+        "train.iterations=2",
+        "train.val_interval=2",
+        f"model.pretrained={weights}",
+        "optim.lr=1e-12",
+    )
+    assert main(["train", *args]) == 0
+    assert "pretrained weights:" in capsys.readouterr().out
+    trained = torch.load(only_run(work) / "last.pt", weights_only=True)["state_dict"]
+    key = "backbone.conv1.weight"
+    assert torch.allclose(trained[key], donor.backbone.state_dict()["conv1.weight"], atol=1e-6)
+
+    missing = run_cli("train", *tiny(cache, tmp_path / "r2"), "model.pretrained=/no/such.pth")
+    assert missing.returncode == 2 and "/no/such.pth" in missing.stderr
+
+
+def test_data_check_cli_finds_planted_defects(cache, tmp_path):
+    root = make_voc_copy(cache, tmp_path / "VOC2012")
+    clean = ["data.dataset=voc", f"data.root={root}", "data.num_classes=7", "--no-progress"]
+    assert run_cli("data", "check", *clean).returncode == 0
+    name = bad_label(root)
+    result = run_cli("data", "check", *clean)
+    assert result.returncode == 1
+    assert name in result.stdout

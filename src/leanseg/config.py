@@ -56,6 +56,7 @@ class ModelConfig:
     output_stride: int = 16
     aux: bool = False
     aux_weight: float = 0.5
+    pretrained: str | None = None  # ImageNet weights (torchvision / semseg / vgg16 format)
     # keyword options of the builder; the default is a half-width ResNet-18 with ASPP rates
     # scaled to 112 px crops, which learns the synthetic set in minutes on a CPU
     options: dict[str, Any] = field(

@@ -30,6 +30,7 @@ from leanseg.engine.runtime import (
 )
 from leanseg.models import build_model
 from leanseg.models import model_options as accepted_options
+from leanseg.models.pretrained import load_pretrained
 from leanseg.viz import prediction_panels
 
 
@@ -84,7 +85,12 @@ class Trainer:
         self.num_classes = self.train_set.num_classes
         self.class_names = list(self.train_set.class_names)
         self.options = model_options(cfg)
-        model = build_model(cfg.model.name, self.num_classes, **self.options).to(self.device)
+        model = build_model(cfg.model.name, self.num_classes, **self.options)
+        if cfg.model.pretrained:
+            report = load_pretrained(model, cfg.model.pretrained)
+            if self.dist.is_main:
+                tqdm.write(f"pretrained weights: {report.summary()}")
+        model = model.to(self.device)
         self.net = wrap_model(model, self.device, self.dist)  # DDP + SyncBN when distributed
         self.model = self.net.module if self.net is not model else model
         self.optimizer = build_optimizer(
