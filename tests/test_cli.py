@@ -249,6 +249,7 @@ def test_pretrained_weights_load_through_the_config(cache, tmp_path, capsys):
         "train.val_interval=2",
         f"model.pretrained={weights}",
         "optim.lr=1e-12",
+        "optim.min_lr=0",
     )
     assert main(["train", *args]) == 0
     assert "pretrained weights:" in capsys.readouterr().out
