@@ -269,3 +269,15 @@ def test_data_check_cli_finds_planted_defects(cache, tmp_path):
     result = run_cli("data", "check", *clean)
     assert result.returncode == 1
     assert name in result.stdout
+
+
+def test_backrazor_is_a_config_switch(cache, tmp_path, capsys):
+    work = tmp_path / "runs"
+    args = tiny(cache, work, "train.iterations=2", "train.val_interval=2", "backrazor.ratio=0.9")
+    assert main(["train", *args]) == 0
+    run = only_run(work)
+    # the checkpoint is a plain model's: leanseg eval rebuilds it without BackRazor
+    assert main(["eval", "--checkpoint", str(run / "last.pt")]) == 0
+    assert "mIoU" in capsys.readouterr().out
+    bad = run_cli("train", *tiny(cache, tmp_path / "r2"), "backrazor.ratio=1.5")
+    assert bad.returncode == 2 and "backrazor.ratio" in bad.stderr

@@ -109,6 +109,14 @@ class EvalConfig:
 
 
 @dataclass
+class BackRazorConfig:
+    """Sparse, bit-packed saved activations (``leanseg.methods.backrazor``); off when None."""
+
+    ratio: float | None = None  # fraction of each activation pruned for backward, e.g. 0.9
+    scope: str = "backbone"  # backbone | head | all
+
+
+@dataclass
 class Config:
     """The whole run: everything a run needs is in here and in the saved copy of it."""
 
@@ -117,6 +125,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    backrazor: BackRazorConfig = field(default_factory=BackRazorConfig)
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -136,6 +145,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp_dtype": ("auto", "bf16", "fp16"),
     "eval.mode": ("whole", "slide"),
+    "backrazor.scope": ("backbone", "head", "all"),
 }
 POSITIVE = (
     "data.crop_size",

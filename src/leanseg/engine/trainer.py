@@ -28,6 +28,7 @@ from leanseg.engine.runtime import (
     select_device,
     set_rng_state,
 )
+from leanseg.methods import backrazor
 from leanseg.models import build_model
 from leanseg.models import model_options as accepted_options
 from leanseg.models.pretrained import load_pretrained
@@ -90,6 +91,8 @@ class Trainer:
             report = load_pretrained(model, cfg.model.pretrained)
             if self.dist.is_main:
                 tqdm.write(f"pretrained weights: {report.summary()}")
+        if cfg.backrazor.ratio is not None:
+            backrazor.apply(model, cfg.backrazor.ratio, cfg.backrazor.scope)
         model = model.to(self.device)
         self.net = wrap_model(model, self.device, self.dist)  # DDP + SyncBN when distributed
         self.model = self.net.module if self.net is not model else model

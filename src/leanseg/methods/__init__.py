@@ -1,0 +1,9 @@
+"""Methods that transform a model or its training (see shared/DESIGN.md, "methods as plug-ins").
+
+Each method is a function that rewrites modules in place, a module, a loss term or a callback;
+none forks the training loop. ``backrazor.apply(model, ratio=0.7)`` is the first.
+"""
+
+from leanseg.methods import backrazor
+
+__all__ = ["backrazor"]

@@ -1,0 +1,62 @@
+"""BackRazor (Jiang et al., NeurIPS 2022): sparse, bit-packed saved activations.
+
+``apply(model, ratio=0.7)`` rewrites the backbone's Conv2d, BatchNorm2d, Linear, ReLU and ReLU6
+layers in place: forward outputs are unchanged, the backward sees a per-sample magnitude-pruned
+copy of each layer input. Spec: shared/methods/backrazor.md.
+"""
+
+from leanseg.methods.backrazor.apply import (
+    SCOPES,
+    analytic_saved_bytes,
+    apply,
+    remove,
+    saved_tensor_bytes,
+)
+from leanseg.methods.backrazor.functions import (
+    PackedReLUFn,
+    SparseBatchNorm2dFn,
+    SparseConv2dFn,
+    SparseLinearFn,
+)
+from leanseg.methods.backrazor.modules import (
+    BackRazorMixin,
+    PackedReLU,
+    PackedReLU6,
+    SparseBatchNorm2d,
+    SparseConv2d,
+    SparseLinear,
+    SparseWSConv2d,
+)
+from leanseg.methods.backrazor.packing import (
+    keep_count,
+    magnitude_mask,
+    pack_mask,
+    sparsify,
+    unpack_mask,
+    unsparsify,
+)
+
+__all__ = [
+    "SCOPES",
+    "BackRazorMixin",
+    "PackedReLU",
+    "PackedReLU6",
+    "PackedReLUFn",
+    "SparseBatchNorm2d",
+    "SparseBatchNorm2dFn",
+    "SparseConv2d",
+    "SparseConv2dFn",
+    "SparseLinear",
+    "SparseLinearFn",
+    "SparseWSConv2d",
+    "analytic_saved_bytes",
+    "apply",
+    "keep_count",
+    "magnitude_mask",
+    "pack_mask",
+    "remove",
+    "saved_tensor_bytes",
+    "sparsify",
+    "unpack_mask",
+    "unsparsify",
+]

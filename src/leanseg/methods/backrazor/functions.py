@@ -1,0 +1,166 @@
+"""Autograd Functions: dense forward, sparse saved input (backrazor.md sections 4 and 6).
+
+Each forward runs the stock op on the dense input, so its output is bit-identical to the stock
+layer's; only ``(packed bitmap, kept values)`` of the input is saved. The backward scatters the
+values into a zero tensor ``x~`` and uses it wherever the stock backward needs the input:
+
+- Conv2d: dX exact (needs only the input's shape), dW from ``x~``, db exact;
+- Linear: dX exact, dW = dY^T x~ and db summed over all leading dims;
+- BatchNorm2d (training): the stock BN backward evaluated at ``x~`` with the forward's saved mean
+  and invstd, so dX, dgamma and dbeta are all approximate (exact at ratio 0);
+- ReLU / ReLU6: a 1-bit packed mask of the pass-through region; the gradient is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from leanseg.methods.backrazor.packing import pack_mask, sparsify, unpack_mask, unsparsify
+
+aten = torch.ops.aten
+
+
+class SparseConv2dFn(torch.autograd.Function):
+    """``F.conv2d`` (int padding) that saves a sparsified input."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        ratio: float,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+    ) -> Tensor:
+        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        packed, values = sparsify(x, ratio)
+        ctx.save_for_backward(packed, values, weight)
+        ctx.shape = x.shape
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.args = (list(stride), list(padding), list(dilation), groups)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        packed, values, weight = ctx.saved_tensors
+        x_tilde = unsparsify(packed, values, ctx.shape)
+        stride, padding, dilation, groups = ctx.args
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx, dw, db = aten.convolution_backward(
+            grad_out,
+            x_tilde,
+            weight,
+            ctx.bias_sizes,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0, 0],
+            groups,
+            [need_x, need_w, need_b and ctx.bias_sizes is not None],
+        )
+        return dx, dw, db, None, None, None, None, None
+
+
+class SparseLinearFn(torch.autograd.Function):
+    """``F.linear`` that saves a sparsified input; dW and db are summed over all leading dims."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, ratio: float
+    ) -> Tensor:
+        out = F.linear(x, weight, bias)
+        packed, values = sparsify(x, ratio)
+        ctx.save_for_backward(packed, values, weight)
+        ctx.shape = x.shape
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        packed, values, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_x:
+            dx = grad_out.matmul(weight)
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])
+        if need_w:
+            x_tilde = unsparsify(packed, values, ctx.shape)
+            dw = g2d.t().matmul(x_tilde.reshape(-1, x_tilde.shape[-1]))
+        if need_b and ctx.has_bias:
+            db = g2d.sum(dim=0)
+        return dx, dw, db, None
+
+
+class SparseBatchNorm2dFn(torch.autograd.Function):
+    """Training-mode batch norm (running stats updated in place) that saves a sparsified input."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+        ratio: float,
+    ) -> Tensor:
+        out, save_mean, save_invstd = aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        packed, values = sparsify(x, ratio)
+        ctx.save_for_backward(packed, values, weight, save_mean, save_invstd)
+        ctx.shape = x.shape
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        packed, values, weight, save_mean, save_invstd = ctx.saved_tensors
+        x_tilde = unsparsify(packed, values, ctx.shape)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx, dw, db = aten.native_batch_norm_backward(
+            grad_out.contiguous(),
+            x_tilde,
+            weight,
+            None,
+            None,
+            save_mean,
+            save_invstd,
+            True,
+            ctx.eps,
+            [need_x, need_w and weight is not None, need_b and weight is not None],
+        )
+        return dx, dw, db, None, None, None, None, None
+
+
+class PackedReLUFn(torch.autograd.Function):
+    """Out-of-place ReLU (``upper=None``) or ReLU6 (``upper=6``) that saves a 1-bit mask."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, upper: float | None) -> Tensor:  # type: ignore[override]
+        if upper is None:
+            out = F.relu(x)
+            mask = x > 0
+        else:
+            out = F.relu6(x) if upper == 6.0 else F.hardtanh(x, 0.0, upper)
+            mask = (x > 0) & (x < upper)
+        packed, _ = pack_mask(mask)
+        ctx.save_for_backward(packed)
+        ctx.shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None]:
+        (packed,) = ctx.saved_tensors
+        mask = unpack_mask(packed, ctx.shape)
+        return grad_out.masked_fill(~mask, 0), None

@@ -1,0 +1,327 @@
+"""BackRazor (leanseg.methods.backrazor): packing, masks, exactness, checkpoints, memory."""
+
+from __future__ import annotations
+
+import copy
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from leanseg.errors import ConfigError
+from leanseg.methods import backrazor as br
+from leanseg.models import build_model
+from leanseg.models.layers import WSConv2d
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sparse(module: nn.Module, ratio: float) -> nn.Module:
+    return br.apply(copy.deepcopy(module), ratio, scope="all")
+
+
+def _out(y: Tensor | dict[str, Tensor]) -> Tensor:
+    return y["out"] if isinstance(y, dict) else y
+
+
+# ---------------------------------------------------------------------------- packing and masks
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (9,), (13, 17, 3)])
+def test_pack_unpack_round_trip(shape: tuple[int, ...]) -> None:
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed, numel = br.pack_mask(mask)
+    assert packed.dtype == torch.uint8
+    assert numel == mask.numel() and packed.numel() == math.ceil(numel / 8)
+    assert torch.equal(br.unpack_mask(packed, shape), mask)
+
+
+def test_pack_is_msb_first_and_zero_padded() -> None:
+    mask = torch.tensor([1, 0, 0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool)
+    packed, _ = br.pack_mask(mask)
+    assert packed.tolist() == [0b10000011, 0b11000000]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.7, 0.9, 0.97])
+def test_each_sample_keeps_ceil_of_kept_fraction(ratio: float) -> None:
+    x = torch.randn(3, 5, 7, 2, generator=torch.Generator().manual_seed(1))  # distinct values
+    n = x[0].numel()
+    expected = math.ceil((1 - Fraction(str(ratio))) * n)
+    mask = br.magnitude_mask(x, ratio)
+    assert mask.flatten(1).sum(dim=1).tolist() == [expected] * 3
+    for b in range(3):  # the kept entries are the largest magnitudes of that sample
+        top = x[b].abs().flatten().topk(expected).indices
+        assert mask[b].flatten()[top].all()
+
+
+def test_mask_threshold_is_per_sample() -> None:
+    x = torch.randn(2, 50, generator=torch.Generator().manual_seed(2))
+    x[1] *= 1000  # a batch-wide threshold would keep only sample 1
+    assert br.magnitude_mask(x, 0.5).sum(dim=1).tolist() == [25, 25]
+
+
+def test_zeros_after_relu_are_pruned() -> None:
+    x = torch.relu(torch.randn(2, 100, generator=torch.Generator().manual_seed(3)))
+    x[:, :80] = 0  # >= ratio of the entries are 0: tau = 0 must not keep them all
+    mask = br.magnitude_mask(x, 0.7)
+    assert (mask.sum(dim=1) <= 20).all()
+    packed, values = br.sparsify(x, 0.0)
+    assert torch.equal(br.unsparsify(packed, values, x.shape), x)
+
+
+def test_sparsify_round_trip_equals_masked_input() -> None:
+    x = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(4))
+    packed, values = br.sparsify(x, 0.6)
+    mask = br.magnitude_mask(x, 0.6)
+    assert values.numel() == int(mask.sum())
+    assert torch.equal(br.unsparsify(packed, values, x.shape), x * mask)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize(
+    ("name", "norm"),
+    [
+        ("deeplabv3_mobilenetv2", "bn"),
+        ("deeplabv3_resnet18", "bn"),
+        ("deeplabv3_resnet18", "gn_ws"),
+    ],
+)
+def test_model_forward_identical_and_exact_gradients_at_ratio_zero(name: str, norm: str) -> None:
+    torch.manual_seed(0)
+    dense = build_model(name, 3, width_mult=0.25, norm=norm).train()
+    sparse0 = br.apply(copy.deepcopy(dense), 0.0)
+    sparse7 = br.apply(copy.deepcopy(dense), 0.7)
+    assert any(isinstance(m, br.BackRazorMixin) for m in sparse7.backbone.modules())
+    x = torch.randn(2, 3, 33, 33)
+    outs = []
+    for model in (dense, sparse0, sparse7):
+        torch.manual_seed(1)  # the same dropout masks
+        outs.append(_out(model(x)))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    for key, value in dense.state_dict().items():  # running statistics too
+        assert torch.equal(value, sparse7.state_dict()[key]), key
+    outs[0].square().mean().backward()
+    outs[1].square().mean().backward()
+    for (key, p), q in zip(dense.named_parameters(), sparse0.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6), key
+
+
+def test_state_dict_round_trip_with_plain_model() -> None:
+    torch.manual_seed(0)
+    plain = build_model("deeplabv3_mobilenetv2", 3, width_mult=0.25)
+    params = {k: v.data_ptr() for k, v in plain.state_dict().items()}
+    sparse = br.apply(plain, 0.7, scope="all")
+    assert sparse is plain and isinstance(sparse.backbone.features[0][0], nn.Conv2d)
+    assert {k: v.data_ptr() for k, v in sparse.state_dict().items()} == params  # same tensors
+    with torch.no_grad():  # change the weights and the running stats
+        for p in sparse.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        sparse.train()(torch.randn(2, 3, 33, 33))
+    other = build_model("deeplabv3_mobilenetv2", 3, width_mult=0.25)
+    assert list(other.state_dict()) == list(sparse.state_dict())
+    other.load_state_dict(sparse.state_dict(), strict=True)
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad():
+        assert torch.equal(_out(other.eval()(x)), _out(sparse.eval()(x)))
+    fresh = br.apply(build_model("deeplabv3_mobilenetv2", 3, width_mult=0.25), 0.5)
+    fresh.load_state_dict(other.state_dict(), strict=True)  # and plain -> BackRazor
+
+
+def test_apply_scope_and_validation() -> None:
+    model = build_model("deeplabv3_resnet18", 3, width_mult=0.25)
+    br.apply(model, 0.7)
+    assert all(
+        type(m) is not nn.Conv2d and type(m) is not nn.BatchNorm2d for m in model.backbone.modules()
+    )
+    assert not any(isinstance(m, br.BackRazorMixin) for m in model.classifier.modules())
+    br.apply(model, 0.5)
+    assert {m.backrazor_ratio for m in model.modules() if isinstance(m, br.BackRazorMixin)} == {0.5}
+    br.remove(model)
+    assert not any(isinstance(m, br.BackRazorMixin) for m in model.modules())
+    for ratio in (-0.1, 1.0, True, "0.5"):
+        with pytest.raises(ConfigError, match="backrazor.ratio"):
+            br.apply(model, ratio)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="backrazor.scope"):
+        br.apply(model, 0.5, scope="neck")
+    with pytest.raises(ConfigError, match="backbone"):
+        br.apply(nn.Sequential(nn.Conv2d(1, 1, 1)), 0.5)
+
+
+# ---------------------------------------------------------------------------- single layers, R > 0
+
+RATIO = 0.8
+
+
+def _grads(module: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    x = x.clone().requires_grad_(True)
+    module(x).backward(grad)
+    return x.grad, {k: p.grad for k, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 6, 3, padding=1, bias=True),
+        nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=False),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),  # depthwise
+        nn.Conv2d(4, 6, 2, padding="same", padding_mode="reflect", dilation=2),
+        WSConv2d(4, 6, 3, stride=2, padding=1, bias=True),
+    ],
+    ids=["bias", "strided_dilated_grouped", "depthwise", "same_reflect", "ws"],
+)
+def test_conv_weight_grad_uses_masked_input_and_input_grad_is_exact(conv: nn.Conv2d) -> None:
+    torch.manual_seed(0)
+    conv.train()
+    x = torch.randn(2, 4, 9, 9)
+    sparse = _sparse(conv, RATIO)
+    out = sparse(x.clone().requires_grad_(True))
+    assert out.grad_fn is not None and "SparseConv2dFn" in type(out.grad_fn).__name__
+    grad = torch.randn_like(out)
+    dx_dense, g_dense = _grads(copy.deepcopy(conv), x, grad)
+    padded = x if conv.padding_mode == "zeros" else nn.functional.pad(x, (1, 1, 1, 1), "reflect")
+    masked_input = padded * br.magnitude_mask(padded, RATIO)
+    if conv.padding_mode != "zeros":  # the padded tensor is what the conv saves
+        reference = nn.Conv2d(4, 6, 2, dilation=2)
+        reference.load_state_dict(conv.state_dict())
+    else:
+        reference = copy.deepcopy(conv)
+    _, g_masked = _grads(reference, masked_input, grad)
+    dx_sparse, g_sparse = _grads(sparse, x, grad)
+    assert torch.equal(dx_sparse, dx_dense)
+    assert torch.allclose(g_sparse["weight"], g_masked["weight"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(g_sparse["weight"], g_dense["weight"], rtol=1e-3, atol=1e-4)
+    if conv.bias is not None:
+        assert torch.allclose(g_sparse["bias"], g_dense["bias"], rtol=1e-6, atol=1e-7)
+
+
+def test_linear_on_3d_input() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 5).train()
+    x = torch.randn(3, 4, 6)
+    grad = torch.randn(3, 4, 5)
+    dx_dense, g_dense = _grads(copy.deepcopy(linear), x, grad)
+    _, g_masked = _grads(copy.deepcopy(linear), x * br.magnitude_mask(x, RATIO), grad)
+    dx_sparse, g_sparse = _grads(_sparse(linear, RATIO), x, grad)
+    assert torch.allclose(dx_sparse, dx_dense, rtol=1e-6, atol=1e-7)
+    assert g_sparse["weight"].shape == linear.weight.shape
+    assert torch.allclose(g_sparse["weight"], g_masked["weight"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(g_sparse["weight"], g_dense["weight"], rtol=1e-3, atol=1e-4)
+    assert torch.allclose(g_sparse["bias"], g_dense["bias"], rtol=1e-6, atol=1e-7)
+
+
+def test_batchnorm_backward_uses_masked_input_with_forward_statistics() -> None:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 5, 5) * 2 + 1
+    grad = torch.randn(2, 3, 5, 5)
+    sparse = _sparse(bn, RATIO)
+    dx_sparse, g_sparse = _grads(sparse, x, grad)
+    reference = copy.deepcopy(bn)
+    reference(x)
+    assert torch.equal(sparse.running_mean, reference.running_mean)
+    assert torch.equal(sparse.running_var, reference.running_var)
+    # reference in float64: the BN backward with x~ and the dense input's mean / invstd
+    x64, g64 = x.double(), grad.double()
+    mean = x64.mean(dim=(0, 2, 3), keepdim=True)
+    invstd = (x64.var(dim=(0, 2, 3), unbiased=False, keepdim=True) + bn.eps).rsqrt()
+    x_hat = (x64 * br.magnitude_mask(x, RATIO) - mean) * invstd
+    count = x.numel() / x.shape[1]
+    gamma = bn.weight.detach().double().view(1, -1, 1, 1)
+    sum_g = g64.sum(dim=(0, 2, 3), keepdim=True)
+    sum_gx = (g64 * x_hat).sum(dim=(0, 2, 3), keepdim=True)
+    dx_ref = gamma * invstd / count * (count * g64 - sum_g - x_hat * sum_gx)
+    assert torch.allclose(g_sparse["weight"].double(), sum_gx.flatten(), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(g_sparse["bias"].double(), sum_g.flatten(), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(dx_sparse.double(), dx_ref, rtol=1e-4, atol=1e-5)
+    dx_dense, _ = _grads(copy.deepcopy(bn), x, grad)
+    assert not torch.allclose(dx_sparse, dx_dense, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(inplace=True), nn.ReLU6(inplace=True)])
+def test_packed_relu_is_exact_and_out_of_place(act: nn.Module) -> None:
+    x = torch.tensor([[-1.0, 0.0, 0.5, 6.0, 7.0, 3.0, -0.0, 2.0, 9.0]])
+    grad = torch.arange(1.0, 10.0).view(1, -1)
+    sparse = _sparse(act, 0.5)
+    x_in = x.clone().requires_grad_(True)
+    inp = x_in * 1.0  # a non-leaf that an in-place op could overwrite
+    out = sparse.train()(inp)
+    assert torch.equal(inp, x) and "PackedReLUFn" in type(out.grad_fn).__name__
+    out.backward(grad)
+    dx_dense, _ = _grads(type(act)(), x, grad)
+    assert torch.equal(out, type(act)()(x))
+    assert torch.equal(x_in.grad, dx_dense)
+
+
+def test_eval_mode_uses_the_stock_forward() -> None:
+    conv = _sparse(nn.Conv2d(2, 2, 3), RATIO).eval()
+    out = conv(torch.randn(1, 2, 5, 5, requires_grad=True))
+    assert "SparseConv2dFn" not in type(out.grad_fn).__name__
+
+
+def test_weight_grad_error_grows_with_ratio() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1).train()
+    x, grad = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    _, dense = _grads(copy.deepcopy(conv), x, grad)
+    errors = []
+    for ratio in (0.0, 0.3, 0.6, 0.9):
+        _, g = _grads(_sparse(conv, ratio), x, grad)
+        errors.append((g["weight"] - dense["weight"]).norm().item())
+    assert errors[0] < 1e-5 and errors == sorted(errors) and errors[-1] > errors[1]
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def test_saved_bytes_of_a_conv_stack_shrink_at_ratio_0_9() -> None:
+    torch.manual_seed(0)
+    stack = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(4)]).train()
+    x = torch.randn(2, 8, 32, 32, requires_grad=True)
+    dense = br.saved_tensor_bytes(lambda: stack(x))
+    sparse_stack = _sparse(stack, 0.9)
+    sparse = br.saved_tensor_bytes(lambda: sparse_stack(x))
+    assert dense >= 4 * x.numel() * 4  # four dense fp32 inputs
+    assert sparse < dense / 4
+    activations = br.saved_tensor_bytes(lambda: sparse_stack(x), exclude_parameters=True)
+    n = x.numel()
+    assert activations <= 4 * (math.ceil(0.1 * n / 2) * 2 * 4 + math.ceil(n / 8))
+    # the analytic estimate: 4 inputs of n entries
+    assert br.analytic_saved_bytes(stack, tuple(x.shape)) == 4 * 4 * n
+    assert br.analytic_saved_bytes(sparse_stack, tuple(x.shape)) == round(4 * (0.4 * n + n / 8))
+    relu_net = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU())
+    assert br.analytic_saved_bytes(relu_net, tuple(x.shape)) == 4 * n + n // 8
+
+
+def test_autocast_forward_identical_and_gradients_match_at_ratio_zero() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(8 * 5 * 5, 4),
+    ).train()
+    sparse = _sparse(net, 0.0)
+    x = torch.randn(2, 3, 5, 5)
+    outs = []
+    for model in (net, sparse):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(model(x))
+        outs[-1].float().square().sum().backward()
+    assert outs[1].dtype == torch.bfloat16 and torch.equal(outs[0], outs[1])
+    assert "SparseLinearFn" in type(outs[1].grad_fn).__name__
+    for (key, p), q in zip(net.named_parameters(), sparse.parameters(), strict=True):
+        assert q.grad.dtype == torch.float32 and torch.allclose(p.grad, q.grad), key
