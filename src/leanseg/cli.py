@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     _progress_args(predict)
     predict.set_defaults(func=run_predict)
 
+    bench = sub.add_parser("bench", help="measure a config's model")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    memory = bench_sub.add_parser(
+        "memory", help="saved-activation bytes (measured and analytic) and peak memory of a step"
+    )
+    _config_args(memory)
+    memory.set_defaults(func=run_bench_memory)
+
     data = sub.add_parser("data", help="check or prepare a dataset")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     check = data_sub.add_parser("check", help="scan a dataset split for problems before training")
@@ -239,6 +247,18 @@ def run_eval(args: argparse.Namespace) -> int:
             report = metrics.to_dict(dataset.class_names)
             report["confusion_matrix"] = matrix.matrix.tolist()
             Path(args.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def run_bench_memory(args: argparse.Namespace) -> int:
+    from leanseg.bench import memory_report
+    from leanseg.config import load_config
+    from leanseg.data.build import dataset_num_classes
+    from leanseg.engine.runtime import select_device
+
+    cfg = load_config(args.config, args.overrides)
+    num_classes = cfg.data.num_classes or dataset_num_classes(cfg.data.dataset)
+    print(json.dumps(memory_report(cfg, num_classes, select_device(cfg.train.device)), indent=2))
     return 0
 
 
