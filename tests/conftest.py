@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from leanseg.data.image_io import write_image, write_mask_png
 from leanseg.data.synthetic import ensure_synthetic
@@ -57,3 +58,12 @@ def make_voc(tmp_path: Path) -> Callable[..., Path]:
         return write_voc(root, samples, {"train": ids[:-1], "val": ids[-1:], "trainval": ids})
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on a shared 2-core machine two can be ~100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,13 +15,7 @@ from leanseg.methods import backrazor as br
 from leanseg.models import build_model
 from leanseg.models.layers import WSConv2d
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sparse(module: nn.Module, ratio: float) -> nn.Module:
