@@ -44,6 +44,20 @@ def test_pack_is_msb_first_and_zero_padded() -> None:
     assert packed.tolist() == [0b10000011, 0b11000000]
 
 
+def test_pack_unpack_every_byte_value_against_bitwise_reference() -> None:
+    byte_values = torch.arange(256, dtype=torch.uint8)
+    shifts = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+    bits = ((byte_values[:, None] >> shifts) & 1).bool().flatten()
+    assert torch.equal(br.pack_mask(bits)[0], byte_values)
+    assert torch.equal(br.unpack_mask(byte_values, bits.shape), bits)
+
+
+def test_pack_a_mask_view_at_an_odd_offset() -> None:
+    mask = torch.rand(40, generator=torch.Generator().manual_seed(3)) > 0.5
+    view = mask[3:20]  # storage offset 3: not aligned to a 64-bit word
+    assert torch.equal(br.unpack_mask(br.pack_mask(view)[0], view.shape), view)
+
+
 @pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.7, 0.9, 0.97])
 def test_each_sample_keeps_ceil_of_kept_fraction(ratio: float) -> None:
     x = torch.randn(3, 5, 7, 2, generator=torch.Generator().manual_seed(1))  # distinct values
@@ -54,6 +68,17 @@ def test_each_sample_keeps_ceil_of_kept_fraction(ratio: float) -> None:
     for b in range(3):  # the kept entries are the largest magnitudes of that sample
         top = x[b].abs().flatten().topk(expected).indices
         assert mask[b].flatten()[top].all()
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
+def test_non_negative_input_gives_the_same_mask_as_its_negation(ratio: float) -> None:
+    x = torch.randn(2, 4, 9, 9, generator=torch.Generator().manual_seed(4)).abs()
+    # x >= 0 takes the no-abs path; -x takes the abs path: both must keep the same entries
+    assert torch.equal(br.magnitude_mask(x, ratio), br.magnitude_mask(-x, ratio))
+    assert (
+        br.magnitude_mask(x, ratio).flatten(1).sum(1).tolist()
+        == [math.ceil((1 - ratio) * 324 - 1e-9)] * 2
+    )
 
 
 def test_mask_threshold_is_per_sample() -> None:
@@ -257,6 +282,29 @@ def test_packed_relu_is_exact_and_out_of_place(act: nn.Module) -> None:
     dx_dense, _ = _grads(type(act)(), x, grad)
     assert torch.equal(out, type(act)()(x))
     assert torch.equal(x_in.grad, dx_dense)
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        nn.MaxPool2d(3, 2, 1),  # ResNet's stem: overlapping windows
+        nn.MaxPool2d(2),
+        nn.MaxPool2d((3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1), ceil_mode=True),
+        nn.MaxPool2d(3, 2, ceil_mode=True),
+    ],
+)
+def test_packed_max_pool_is_exact_and_saves_one_byte_per_output(pool: nn.MaxPool2d) -> None:
+    x = torch.randn(2, 3, 11, 13, generator=torch.Generator().manual_seed(5))
+    x[0, 0, :4, :4] = 1.0  # ties inside windows
+    sparse = _sparse(pool, RATIO).train()
+    grad = torch.randn_like(pool(x), memory_format=torch.contiguous_format)
+    dx_sparse, _ = _grads(sparse, x, grad)
+    dx_dense, _ = _grads(pool, x, grad)
+    assert torch.equal(sparse(x), pool(x))
+    assert torch.allclose(dx_sparse, dx_dense, rtol=0, atol=1e-6)
+    leaf = x.clone().requires_grad_(True)
+    saved = br.saved_tensor_bytes(lambda: sparse(leaf))
+    assert saved == pool(x).numel()  # one uint8 per output
 
 
 def test_eval_mode_uses_the_stock_forward() -> None:

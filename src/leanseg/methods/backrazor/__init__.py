@@ -27,14 +27,8 @@ from leanseg.methods.backrazor.modules import (
     SparseLinear,
     SparseWSConv2d,
 )
-from leanseg.methods.backrazor.packing import (
-    keep_count,
-    magnitude_mask,
-    pack_mask,
-    sparsify,
-    unpack_mask,
-    unsparsify,
-)
+from leanseg.methods.backrazor.packing import pack_mask, sparsify, unpack_mask, unsparsify
+from leanseg.methods.backrazor.selection import keep_count, kept_indices, magnitude_mask
 
 __all__ = [
     "SCOPES",
@@ -52,6 +46,7 @@ __all__ = [
     "analytic_saved_bytes",
     "apply",
     "keep_count",
+    "kept_indices",
     "magnitude_mask",
     "pack_mask",
     "remove",

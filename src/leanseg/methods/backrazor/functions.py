@@ -24,6 +24,22 @@ from leanseg.methods.backrazor.packing import pack_mask, sparsify, unpack_mask, 
 aten = torch.ops.aten
 
 
+def _sparsify_once(x: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
+    """:func:`sparsify`, reused when the same unmodified tensor comes again at the same ratio.
+
+    Several layers often read one tensor (a ResNet block's input feeds conv1 and the shortcut
+    conv; the ASPP branches share the backbone output): they then share one saved copy, as
+    stock autograd shares the dense input. The copy hangs on the tensor and dies with it.
+    """
+    key = (x._version, ratio)
+    cached = getattr(x, "_backrazor_sparse", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    result = sparsify(x, ratio)
+    x._backrazor_sparse = (key, result)  # type: ignore[attr-defined]
+    return result
+
+
 class SparseConv2dFn(torch.autograd.Function):
     """``F.conv2d`` (int padding) that saves a sparsified input."""
 
@@ -40,7 +56,7 @@ class SparseConv2dFn(torch.autograd.Function):
         groups: int,
     ) -> Tensor:
         out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        packed, values = sparsify(x, ratio)
+        packed, values = _sparsify_once(x, ratio)
         ctx.save_for_backward(packed, values, weight)
         ctx.shape = x.shape
         ctx.bias_sizes = None if bias is None else list(bias.shape)
@@ -77,7 +93,7 @@ class SparseLinearFn(torch.autograd.Function):
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, ratio: float
     ) -> Tensor:
         out = F.linear(x, weight, bias)
-        packed, values = sparsify(x, ratio)
+        packed, values = _sparsify_once(x, ratio)
         ctx.save_for_backward(packed, values, weight)
         ctx.shape = x.shape
         ctx.has_bias = bias is not None
@@ -117,7 +133,7 @@ class SparseBatchNorm2dFn(torch.autograd.Function):
         out, save_mean, save_invstd = aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps
         )
-        packed, values = sparsify(x, ratio)
+        packed, values = _sparsify_once(x, ratio)
         ctx.save_for_backward(packed, values, weight, save_mean, save_invstd)
         ctx.shape = x.shape
         ctx.eps = eps
@@ -164,3 +180,57 @@ class PackedReLUFn(torch.autograd.Function):
         (packed,) = ctx.saved_tensors
         mask = unpack_mask(packed, ctx.shape)
         return grad_out.masked_fill(~mask, 0), None
+
+
+def _window_origins(
+    out_shape: torch.Size, stride: tuple[int, int], padding: tuple[int, int], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Input row / column of each output position's window origin (top-left, may be < 0)."""
+    rows = torch.arange(out_shape[-2], device=device) * stride[0] - padding[0]
+    cols = torch.arange(out_shape[-1], device=device) * stride[1] - padding[1]
+    return rows[:, None], cols[None, :]
+
+
+class PackedMaxPool2dFn(torch.autograd.Function):
+    """``F.max_pool2d`` that saves only where each window's maximum sits: one byte per output.
+
+    The stock op saves its dense input and int64 argmax indices; the backward needs only the
+    indices, and an index is fixed by its offset inside the window (at most 16x16 = 256 places).
+    The gradient is exact.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        ceil_mode: bool,
+    ) -> Tensor:
+        out, index = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, True)
+        width = x.shape[-1]
+        top, left = _window_origins(out.shape, stride, padding, x.device)
+        row = (index.div(width, rounding_mode="floor") - top).div(
+            dilation[0], rounding_mode="floor"
+        )
+        col = (index.remainder(width) - left).div(dilation[1], rounding_mode="floor")
+        ctx.save_for_backward((row * kernel[1] + col).to(torch.uint8))
+        ctx.shape = x.shape
+        ctx.args = (kernel, stride, padding, dilation)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        (offset,) = ctx.saved_tensors
+        kernel, stride, padding, dilation = ctx.args
+        height, width = ctx.shape[-2:]
+        top, left = _window_origins(offset.shape, stride, padding, offset.device)
+        offset = offset.long()
+        row = top + offset.div(kernel[1], rounding_mode="floor") * dilation[0]
+        col = left + offset.remainder(kernel[1]) * dilation[1]
+        index = (row * width + col).flatten(-2)
+        grad_in = grad_out.new_zeros((*ctx.shape[:-2], height * width))
+        grad_in.scatter_add_(-1, index, grad_out.flatten(-2))
+        return grad_in.view(ctx.shape), None, None, None, None, None

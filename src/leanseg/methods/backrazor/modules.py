@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from leanseg.methods.backrazor.functions import (
+    PackedMaxPool2dFn,
     PackedReLUFn,
     SparseBatchNorm2dFn,
     SparseConv2dFn,
@@ -159,6 +161,27 @@ class PackedReLU6(BackRazorMixin, nn.ReLU6):
         return nn.ReLU6.extra_repr(self) + ", packed 1-bit mask"
 
 
+class PackedMaxPool2d(BackRazorMixin, nn.MaxPool2d):
+    """``nn.MaxPool2d`` saving one byte per output (the argmax's place in its window); exact."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel, stride, padding, dilation = (
+            _pair(v)
+            for v in (
+                self.kernel_size,
+                self.stride or self.kernel_size,
+                self.padding,
+                self.dilation,
+            )
+        )
+        if self.return_indices or kernel[0] * kernel[1] > 256 or not self._sparse_active(x):
+            return super().forward(x)
+        return PackedMaxPool2dFn.apply(x, kernel, stride, padding, dilation, self.ceil_mode)
+
+    def extra_repr(self) -> str:
+        return nn.MaxPool2d.extra_repr(self) + ", saves 1-byte argmax offsets"
+
+
 # exact stock type -> BackRazor subclass (subclasses of the stock types are left alone)
 SPARSE_TYPES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: SparseConv2d,
@@ -167,5 +190,6 @@ SPARSE_TYPES: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm2d: SparseBatchNorm2d,
     nn.ReLU: PackedReLU,
     nn.ReLU6: PackedReLU6,
+    nn.MaxPool2d: PackedMaxPool2d,
 }
 STOCK_TYPES: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in SPARSE_TYPES.items()}
