@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanseg.errors import ConfigError
@@ -79,6 +80,31 @@ def test_non_negative_input_gives_the_same_mask_as_its_negation(ratio: float) ->
         br.magnitude_mask(x, ratio).flatten(1).sum(1).tolist()
         == [math.ceil((1 - ratio) * 324 - 1e-9)] * 2
     )
+
+
+def _reference_mask(x: Tensor, ratio: float) -> Tensor:
+    """The spec's rule with a full per-sample selection (kthvalue over every entry)."""
+    rows = x.reshape(x.shape[0], -1).abs()
+    n = rows.shape[1]
+    keep = br.keep_count(n, ratio)
+    tau = rows.kthvalue(n - keep + 1, dim=1, keepdim=True).values
+    return ((rows >= tau) & (rows != 0)).view(x.shape)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.9, 0.97])
+def test_sampled_selection_on_large_samples_equals_the_full_selection(ratio: float) -> None:
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 32, 40, 40, generator=gen)  # 51,200 entries a sample: the sampled path
+    x[1] = x[1].relu()  # half zeros
+    x[2, :4] *= 20  # a few loud channels
+    assert torch.equal(br.magnitude_mask(x, ratio), _reference_mask(x, ratio))
+
+
+def test_selection_falls_back_when_the_sampled_bound_misses() -> None:
+    x = torch.rand(2, 61 * 1000) * 0.01
+    x[:, ::61] += 1.0  # exactly the strided sample is loud: its bound overshoots
+    assert torch.equal(br.magnitude_mask(x, 0.5), _reference_mask(x, 0.5))
+    assert br.magnitude_mask(x, 0.5).sum(dim=1).tolist() == [30500, 30500]
 
 
 def test_mask_threshold_is_per_sample() -> None:
@@ -305,6 +331,32 @@ def test_packed_max_pool_is_exact_and_saves_one_byte_per_output(pool: nn.MaxPool
     leaf = x.clone().requires_grad_(True)
     saved = br.saved_tensor_bytes(lambda: sparse(leaf))
     assert saved == pool(x).numel()  # one uint8 per output
+
+
+def test_layers_reading_one_tensor_share_its_sparse_copy() -> None:
+    torch.manual_seed(7)
+    a, b = _sparse(nn.Conv2d(4, 4, 3, padding=1), RATIO), _sparse(nn.Conv2d(4, 4, 1), RATIO)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+
+    def both() -> Tensor:
+        h = x * 1.0
+        return a(h) + b(h)
+
+    def one() -> Tensor:
+        return a(x * 1.0)
+
+    assert br.saved_tensor_bytes(both, exclude_parameters=True) == br.saved_tensor_bytes(
+        one, exclude_parameters=True
+    )
+    h = x * 1.0
+    out_a = a(h)
+    h.mul_(2.0)  # a changed tensor is sparsified afresh
+    out_b = b(h)
+    (out_a.sum() + out_b.sum()).backward()
+    h2 = (x.detach() * 2.0).requires_grad_(True)
+    masked = h2.detach() * br.magnitude_mask(h2.detach(), RATIO)
+    ref = torch.autograd.grad(F.conv2d(masked, b.weight).sum(), b.weight)[0]
+    assert torch.allclose(b.weight.grad, ref, atol=1e-5)
 
 
 def test_eval_mode_uses_the_stock_forward() -> None:

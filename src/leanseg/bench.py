@@ -30,15 +30,24 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_bytes() -> int | None:
-    """Peak resident memory of this process since start or the last reset (Linux VmHWM)."""
+def _status_bytes(field: str) -> int | None:
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process since start or the last reset (Linux VmHWM)."""
+    return _status_bytes("VmHWM:")
+
+
+def rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux VmRSS)."""
+    return _status_bytes("VmRSS:")
 
 
 def _sync(device: torch.device) -> None:
@@ -46,47 +55,86 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _TrainingStep:
+    """Forward, cross-entropy, backward and an SGD step of one model on fixed data."""
+
+    def __init__(
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, ignore_index: int
+    ) -> None:
+        self.model, self.images, self.targets = model.train(), images, targets
+        self.ignore_index = ignore_index
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+
+    def loss(self) -> torch.Tensor:
+        out = self.model(self.images)
+        out = out["out"] if isinstance(out, dict) else out
+        return F.cross_entropy(out, self.targets, ignore_index=self.ignore_index)
+
+    def __call__(self) -> float:
+        """One step; returns its wall-clock seconds (device synchronised)."""
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss().backward()
+        self.optimizer.step()
+        _sync(self.images.device)
+        return time.perf_counter() - start
+
+
 def train_step_report(
     model: nn.Module,
     images: torch.Tensor,
     targets: torch.Tensor,
     *,
-    steps: int = 2,
+    steps: int = 3,
     ignore_index: int = 255,
 ) -> dict[str, Any]:
-    """Saved bytes (measured), peak memory and median time of forward+backward+SGD steps."""
+    """Saved bytes (measured), peak memory and median time of forward+backward+SGD steps.
+
+    ``peak_rss_step_bytes`` is how far the resident memory rose above its level before the
+    timed steps (after a warm-up step, so optimizer state is already allocated).
+    """
     device = images.device
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
-
-    def loss_of_forward() -> torch.Tensor:
-        return F.cross_entropy(model(images)["out"], targets, ignore_index=ignore_index)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_of_forward().backward()
-        optimizer.step()
-
-    saved = backrazor.saved_tensor_bytes(loss_of_forward, exclude_parameters=True)
+    step = _TrainingStep(model, images, targets, ignore_index)
+    saved = backrazor.saved_tensor_bytes(step.loss, exclude_parameters=True)
     step()  # warm-up
-    _sync(device)
+    before = rss_bytes()
     rss_reset = reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    times = sorted(step() for _ in range(steps))
+    peak = peak_rss_bytes() if rss_reset else None
     report = {
         "saved_activation_bytes": saved,
-        "step_seconds_median": sorted(times)[len(times) // 2],
-        "peak_rss_bytes": peak_rss_bytes() if rss_reset else None,
+        "step_seconds_median": times[len(times) // 2],
+        "peak_rss_bytes": peak,
+        "peak_rss_step_bytes": peak - before if peak is not None and before is not None else None,
     }
     if device.type == "cuda":
         report["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
     return report
+
+
+def interleaved_step_seconds(
+    models: list[nn.Module],
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    rounds: int = 3,
+    ignore_index: int = 255,
+) -> list[float]:
+    """Median step time of each model, timed round-robin (one step each per round).
+
+    Interleaving exposes every model to the same drift of a shared machine (other processes,
+    clock speed), which timing them one after another does not; one untimed round warms up.
+    """
+    steps = [_TrainingStep(m, images, targets, ignore_index) for m in models]
+    for step in steps:
+        step()
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(rounds):
+        for step, spent in zip(steps, times, strict=True):
+            spent.append(step())
+    return [sorted(spent)[len(spent) // 2] for spent in times]
 
 
 def memory_report(cfg: Config, num_classes: int, device: torch.device) -> dict[str, Any]:

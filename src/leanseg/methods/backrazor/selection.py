@@ -70,10 +70,11 @@ def kept_indices(x: Tensor, ratio: float) -> Tensor:
     if min(counts) < keep:  # the sampled bound missed: select among all entries
         index, counts = _candidates(magnitudes, None)
     values = magnitudes.reshape(-1).index_select(0, index)
-    # tau per row: the keep-th largest candidate, i.e. the (count - keep + 1)-th smallest
+    # tau per row: the keep-th largest candidate, i.e. the largest of the (count - keep + 1)
+    # smallest (topk of that few is about twice as fast as kthvalue on CPU)
     taus = torch.stack(
         [
-            row.kthvalue(count - keep + 1).values
+            row.topk(count - keep + 1, largest=False, sorted=False).values.amax()
             for row, count in zip(values.split(counts), counts, strict=True)
         ]
     )
