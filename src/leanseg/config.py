@@ -117,6 +117,25 @@ class BackRazorConfig:
 
 
 @dataclass
+class AcospConfig:
+    """Learned channel masks during training (``leanseg.methods.acosp``); off when None.
+
+    The temperature falls from ``tau0`` to ``tau_final`` between ``start`` and ``end`` (in
+    ``unit``s: iterations, or epochs of the training set as in the original); at ``end`` the
+    masks become hard top-k and training goes on with them. ``end`` None: ``train.iterations``
+    (or the last epoch).
+    """
+
+    sparsity: float | None = None  # fraction of each conv's output channels pruned, e.g. 0.75
+    start: int = 0
+    end: int | None = None
+    unit: str = "iteration"  # iteration | epoch
+    tau0: float = 1.0
+    tau_final: float = 1e-3
+    min_keep: int = 8  # channels kept at least per conv
+
+
+@dataclass
 class Config:
     """The whole run: everything a run needs is in here and in the saved copy of it."""
 
@@ -126,6 +145,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     backrazor: BackRazorConfig = field(default_factory=BackRazorConfig)
+    acosp: AcospConfig = field(default_factory=AcospConfig)
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -146,6 +166,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.amp_dtype": ("auto", "bf16", "fp16"),
     "eval.mode": ("whole", "slide"),
     "backrazor.scope": ("backbone", "head", "all"),
+    "acosp.unit": ("iteration", "epoch"),
 }
 POSITIVE = (
     "data.crop_size",
@@ -156,8 +177,17 @@ POSITIVE = (
     "train.iterations",
     "train.val_interval",
     "train.log_interval",
+    "acosp.tau0",
+    "acosp.tau_final",
+    "acosp.min_keep",
 )
-NON_NEGATIVE = ("data.workers", "data.rotate", "optim.weight_decay", "optim.warmup_iters")
+NON_NEGATIVE = (
+    "data.workers",
+    "data.rotate",
+    "optim.weight_decay",
+    "optim.warmup_iters",
+    "acosp.start",
+)
 
 
 def load_config(
@@ -311,6 +341,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'eval.crop_size': required when eval.mode=slide")
     if not cfg.eval.scales or min(cfg.eval.scales) <= 0:
         raise ConfigError("config key 'eval.scales': must be a non-empty list of positive numbers")
+    sparsity = cfg.acosp.sparsity
+    if sparsity is not None and not 0 <= sparsity < 1:
+        raise ConfigError(f"config key 'acosp.sparsity': must be in [0, 1), got {sparsity}")
+    if cfg.acosp.end is not None and cfg.acosp.end < cfg.acosp.start:
+        raise ConfigError(
+            f"config key 'acosp.end': must be >= acosp.start ({cfg.acosp.start}), "
+            f"got {cfg.acosp.end}"
+        )
 
 
 def to_yaml(cfg: Config) -> str:

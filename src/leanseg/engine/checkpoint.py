@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from leanseg.errors import CheckpointError
+from leanseg.methods import acosp
 from leanseg.models import build_model
 
 FORMAT = "leanseg-checkpoint"
@@ -84,5 +85,8 @@ def model_from_checkpoint(payload: dict[str, Any], source: str) -> nn.Module:
     model = build_model(
         payload["model"], payload["num_classes"], **payload.get("model_options", {})
     )
+    masks = payload.get("config", {}).get("acosp", {})
+    if masks.get("sparsity") is not None:  # a model trained with ACoSP masks keeps them
+        acosp.apply(model, masks["sparsity"], masks.get("min_keep", 8))
     load_model_state(model, payload["state_dict"], source)
     return model

@@ -28,7 +28,7 @@ from leanseg.engine.runtime import (
     select_device,
     set_rng_state,
 )
-from leanseg.methods import backrazor
+from leanseg.methods import acosp, backrazor
 from leanseg.models import build_model
 from leanseg.models import model_options as accepted_options
 from leanseg.models.pretrained import load_pretrained
@@ -58,6 +58,27 @@ def segmentation_loss(
         aux = F.cross_entropy(outputs["aux"].float(), masks, ignore_index=ignore_index)
         loss = loss + aux_weight * aux
     return loss
+
+
+def acosp_schedule(cfg: Config, train_size: int, world_size: int) -> acosp.MaskSchedule | None:
+    """The config's ACoSP mask schedule (None when ACoSP is off)."""
+    if cfg.acosp.sparsity is None:
+        return None
+    per_epoch = max(train_size // (cfg.data.batch_size * world_size), 1)
+    total = (
+        cfg.train.iterations
+        if cfg.acosp.unit == "iteration"
+        else -(-cfg.train.iterations // per_epoch)
+    )
+    end = cfg.acosp.end if cfg.acosp.end is not None else total
+    return acosp.MaskSchedule(
+        start=cfg.acosp.start,
+        end=end,
+        unit=cfg.acosp.unit,
+        tau0=cfg.acosp.tau0,
+        tau_final=cfg.acosp.tau_final,
+        iterations_per_epoch=per_epoch,
+    )
 
 
 class Trainer:
@@ -91,6 +112,9 @@ class Trainer:
             report = load_pretrained(model, cfg.model.pretrained)
             if self.dist.is_main:
                 tqdm.write(f"pretrained weights: {report.summary()}")
+        if cfg.acosp.sparsity is not None:  # before the optimizer: the scores are parameters
+            acosp.apply(model, cfg.acosp.sparsity, cfg.acosp.min_keep)
+        self.mask_schedule = acosp_schedule(cfg, len(self.train_set), self.dist.world_size)
         if cfg.backrazor.ratio is not None:
             backrazor.apply(model, cfg.backrazor.ratio, cfg.backrazor.scope)
         model = model.to(self.device)
@@ -110,6 +134,16 @@ class Trainer:
         self.iteration = 0
         self.best_miou = float("-inf")
         self.log = RunLog(run_dir, tensorboard=cfg.train.tensorboard, enabled=self.dist.is_main)
+
+    def _update_masks(self) -> None:
+        """Set the ACoSP temperature of this iteration; harden the masks when it is time."""
+        if self.mask_schedule is None:
+            return
+        if self.mask_schedule.is_hard(self.iteration):
+            if acosp.harden(self.model) and self.dist.is_main:
+                tqdm.write(f"acosp: masks hardened at iteration {self.iteration}")
+        else:
+            acosp.set_temperature(self.model, self.mask_schedule.tau(self.iteration))
 
     def _save(self, name: str) -> None:
         if self.dist.is_main:
@@ -200,6 +234,7 @@ class Trainer:
         batches = iter(loader)
         try:
             while self.iteration < end:
+                self._update_masks()
                 images, masks = next(batches)
                 images = images.to(self.device, non_blocking=pin)
                 masks = masks.to(self.device, non_blocking=pin)
@@ -224,6 +259,8 @@ class Trainer:
         bar.close()
         if self.iteration < total:  # stopped early: leave a resumable checkpoint
             self._save("last.pt")
+        elif self.mask_schedule is not None and acosp.harden(self.model):
+            self._save("last.pt")  # masks still soft at the end (acosp.end past the run)
         self.log.close()
         return metrics
 

@@ -1,0 +1,33 @@
+"""ACoSP (Ditschuneit & Otterbach, GCPR 2022): learned soft top-k channel masks during training.
+
+``apply(model, sparsity=0.75)`` gives every prunable conv a score vector and a channel mask
+after it (conv -> mask -> norm); the masks anneal from soft to hard on a :class:`MaskSchedule`
+and :func:`harden` fixes them to the top-k scores. Spec: shared/methods/acosp.md.
+"""
+
+from leanseg.methods.acosp.masks import (
+    apply,
+    channel_mask,
+    harden,
+    is_hard,
+    masked_convs,
+    output_convs,
+    set_temperature,
+)
+from leanseg.methods.acosp.schedule import MaskSchedule
+from leanseg.methods.acosp.soft_topk import hard_mask, kept_channels, soft_mask, temperature
+
+__all__ = [
+    "MaskSchedule",
+    "apply",
+    "channel_mask",
+    "hard_mask",
+    "harden",
+    "is_hard",
+    "kept_channels",
+    "masked_convs",
+    "output_convs",
+    "set_temperature",
+    "soft_mask",
+    "temperature",
+]
