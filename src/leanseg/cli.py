@@ -84,6 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(memory)
     memory.set_defaults(func=run_bench_memory)
+    bench_model = bench_sub.add_parser(
+        "model", help="parameters, FLOPs and forward latency (eval mode) as JSON"
+    )
+    _config_args(bench_model)
+    bench_model.add_argument(
+        "--checkpoint", help="bench this checkpoint's model (default: build it from the config)"
+    )
+    bench_model.add_argument(
+        "--size",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="input H W, or N for N x N (default: the config's crop size)",
+    )
+    bench_model.add_argument("--batch", type=int, default=1, help="images per forward")
+    bench_model.add_argument("--runs", type=int, default=20, help="timed forward passes")
+    bench_model.add_argument("--warmup", type=int, default=5, help="untimed forwards first")
+    bench_model.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default: the current number)"
+    )
+    bench_model.set_defaults(func=run_bench_model)
 
     data = sub.add_parser("data", help="check or prepare a dataset")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -259,6 +280,42 @@ def run_bench_memory(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     num_classes = cfg.data.num_classes or dataset_num_classes(cfg.data.dataset)
     print(json.dumps(memory_report(cfg, num_classes, select_device(cfg.train.device)), indent=2))
+    return 0
+
+
+def run_bench_model(args: argparse.Namespace) -> int:
+    from leanseg.bench_model import model_report
+    from leanseg.config import load_config
+    from leanseg.data.build import dataset_num_classes
+    from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from leanseg.engine.runtime import select_device
+    from leanseg.engine.trainer import model_options
+    from leanseg.errors import ConfigError
+    from leanseg.models import build_model
+
+    if args.size is not None and (len(args.size) not in (1, 2) or min(args.size) < 1):
+        raise ConfigError(
+            f"--size {' '.join(map(str, args.size))}: give --size N or --size H W, positive"
+        )
+    if args.batch < 1:
+        raise ConfigError(f"--batch {args.batch}: must be >= 1")
+    if args.checkpoint:
+        payload = load_checkpoint(args.checkpoint)
+        cfg = _checkpoint_config(payload, args.config, args.overrides)
+        name, model = payload["model"], model_from_checkpoint(payload, args.checkpoint)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        num_classes = cfg.data.num_classes or dataset_num_classes(cfg.data.dataset)
+        name = cfg.model.name
+        model = build_model(name, num_classes, **model_options(cfg))
+    size = args.size or [cfg.data.crop_size, cfg.data.crop_width or cfg.data.crop_size]
+    height, width = size if len(size) == 2 else size * 2
+    model = model.to(select_device(cfg.train.device))
+    report = model_report(
+        model, (args.batch, 3, height, width), args.runs, args.warmup, args.threads
+    )
+    header = {"model": name, "checkpoint": args.checkpoint}
+    print(json.dumps({**header, **report}, indent=2))
     return 0
 
 
