@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_model.set_defaults(func=run_bench_model)
 
+    shrink = sub.add_parser(
+        "shrink", help="remove the channels an ACoSP run pruned: a smaller checkpoint"
+    )
+    shrink.add_argument("--checkpoint", required=True, help="a best.pt or last.pt of an ACoSP run")
+    shrink.add_argument("-o", "--output", required=True, help="where the shrunk checkpoint goes")
+    shrink.set_defaults(func=run_shrink)
+
     data = sub.add_parser("data", help="check or prepare a dataset")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     check = data_sub.add_parser("check", help="scan a dataset split for problems before training")
@@ -316,6 +323,13 @@ def run_bench_model(args: argparse.Namespace) -> int:
     )
     header = {"model": name, "checkpoint": args.checkpoint}
     print(json.dumps({**header, **report}, indent=2))
+    return 0
+
+
+def run_shrink(args: argparse.Namespace) -> int:
+    from leanseg.methods.acosp import shrink_checkpoint
+
+    print(shrink_checkpoint(args.checkpoint, args.output).format())
     return 0
 
 

@@ -81,12 +81,17 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
 
 
 def model_from_checkpoint(payload: dict[str, Any], source: str) -> nn.Module:
-    """Rebuild the model a checkpoint was trained with and load its weights."""
+    """Rebuild the model a checkpoint was trained with and load its weights.
+
+    A ``leanseg shrink`` checkpoint (key ``shrink``) gets its smaller layers back instead of masks.
+    """
     model = build_model(
         payload["model"], payload["num_classes"], **payload.get("model_options", {})
     )
     masks = payload.get("config", {}).get("acosp", {})
-    if masks.get("sparsity") is not None:  # a model trained with ACoSP masks keeps them
+    if payload.get("shrink") is not None:  # physically pruned: the recorded layer shapes
+        acosp.rebuild(model, payload["shrink"])
+    elif masks.get("sparsity") is not None:  # a model trained with ACoSP masks keeps them
         acosp.apply(model, masks["sparsity"], masks.get("min_keep", 8))
     load_model_state(model, payload["state_dict"], source)
     return model

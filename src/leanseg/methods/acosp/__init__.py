@@ -14,11 +14,15 @@ from leanseg.methods.acosp.masks import (
     output_convs,
     set_temperature,
 )
+from leanseg.methods.acosp.rebuild import rebuild
 from leanseg.methods.acosp.schedule import MaskSchedule
+from leanseg.methods.acosp.shrink import shrink, shrink_with_spec
+from leanseg.methods.acosp.shrink_checkpoint import ShrinkReport, shrink_checkpoint
 from leanseg.methods.acosp.soft_topk import hard_mask, kept_channels, soft_mask, temperature
 
 __all__ = [
     "MaskSchedule",
+    "ShrinkReport",
     "apply",
     "channel_mask",
     "hard_mask",
@@ -27,7 +31,11 @@ __all__ = [
     "kept_channels",
     "masked_convs",
     "output_convs",
+    "rebuild",
     "set_temperature",
+    "shrink",
+    "shrink_checkpoint",
+    "shrink_with_spec",
     "soft_mask",
     "temperature",
 ]
