@@ -5,7 +5,8 @@
         [--threads N] [--device cpu]
 
 For each model (21 classes for all of them; DeepLab at output stride 16, PSPNet at its own OS8,
-other options at their defaults, e.g. PSPNet's aux head, which eval skips): the dense model and,
+without the training-only aux head, which eval skips and shrink drops; other options at their
+defaults): the dense model and,
 per sparsity, a copy with ACoSP masks (``acosp.apply``; the N(0, 1) scores are left as they
 are, which is fine for size and speed), hardened and then physically shrunk with
 ``acosp.shrink``. Per row: nominal compression ratio 1/(1-s), output-filter ratio (output
@@ -14,8 +15,6 @@ ratios dense / row, the largest output difference shrunk vs masked (at <= 128 px
 median forward latency. Latencies are timed round-robin: ``--warmup`` untimed rounds, then
 ``--runs`` rounds of one forward of every variant of a model, so drift on a shared machine hits
 them alike. Targets at s=0.75 for pspnet50: >= 3.5x fewer parameters, >= 2.5x lower latency.
-Without ``acosp.shrink`` the masked (unshrunk) model is measured and the rows say
-``"shrunk": false``.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 
 import torch
 from torch import nn
@@ -44,7 +42,10 @@ CHECK_SIZE = 128
 
 
 def _dense(name: str, device: torch.device) -> nn.Module:
-    options = {"output_stride": 16} if "output_stride" in model_options(name) else {}
+    accepted = model_options(name)
+    options = {"output_stride": 16} if "output_stride" in accepted else {}
+    if "aux" in accepted:
+        options["aux"] = False
     return build_model(name, num_classes=NUM_CLASSES, **options).to(device).eval()
 
 
@@ -54,7 +55,7 @@ def _out(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def _pruned(dense: nn.Module, sparsity: float, check: torch.Tensor) -> tuple[nn.Module, dict]:
-    """A hardened ACoSP copy of ``dense``, shrunk when ``acosp.shrink`` exists, and its row."""
+    """A hardened ACoSP copy of ``dense``, physically shrunk, and its row."""
     model = acosp.apply(copy.deepcopy(dense), sparsity)
     acosp.harden(model)
     convs = [conv for _, conv in acosp.masked_convs(model)]
@@ -66,12 +67,10 @@ def _pruned(dense: nn.Module, sparsity: float, check: torch.Tensor) -> tuple[nn.
         "filter_cr": total / kept,
         "filters_total": total,
         "filters_kept": kept,
-        "shrunk": hasattr(acosp, "shrink"),
     }
-    if row["shrunk"]:
-        reference = _out(model, check)
-        model = acosp.shrink(model)
-        row["max_abs_diff_vs_masked"] = float((_out(model, check) - reference).abs().max())
+    reference = _out(model, check)
+    model = acosp.shrink(model)
+    row["max_abs_diff_vs_masked"] = float((_out(model, check) - reference).abs().max())
     return model.eval(), row
 
 
@@ -81,7 +80,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> list[d
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     check = images[:1, :, :CHECK_SIZE, :CHECK_SIZE]
     models = [dense]
-    rows = [{"sparsity": None, "nominal_cr": 1.0, "filter_cr": 1.0, "shrunk": None}]
+    rows = [{"sparsity": None, "nominal_cr": 1.0, "filter_cr": 1.0}]
     for sparsity in args.sparsities:
         model, row = _pruned(dense, sparsity, check)
         models.append(model)
@@ -121,12 +120,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: the current number)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    if not hasattr(acosp, "shrink"):
-        print(
-            "acosp.py: leanseg.methods.acosp.shrink is missing: measuring the masked, unshrunk "
-            "models instead (rows say shrunk=false; speedups are not meaningful)",
-            file=sys.stderr,
-        )
     device = select_device(args.device)
     with num_threads(args.threads) as threads:
         results = [row for name in args.models for row in measure(name, args, device)]
@@ -141,7 +134,6 @@ def main() -> None:
                 "size": args.size,
                 "runs": args.runs,
                 "warmup": args.warmup,
-                "shrink_available": hasattr(acosp, "shrink"),
                 "results": results,
                 "targets_met": _targets(results),
             },
