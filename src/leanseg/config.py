@@ -62,6 +62,9 @@ class ModelConfig:
     options: dict[str, Any] = field(
         default_factory=lambda: {"width_mult": 0.5, "channels": 64, "aspp_rates": [2, 4, 6]}
     )
+    crf: str | None = None  # "ddd": DDD CRF layer on the logits (DeepLabV3 / V3+ models)
+    crf_iters: int = 5  # DDD fixed-point iterations
+    crf_gamma: float = 2.0  # DDD smoothing temperature
 
 
 @dataclass
@@ -160,6 +163,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
         "cifar10",
     ),
     "model.output_stride": (8, 16),
+    "model.crf": (None, "ddd"),
     "optim.name": ("sgd", "adam", "adamw"),
     "optim.schedule": ("poly", "cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -173,6 +177,8 @@ POSITIVE = (
     "data.val_batch_size",
     "data.synthetic_train",
     "data.synthetic_val",
+    "model.crf_iters",
+    "model.crf_gamma",
     "optim.lr",
     "train.iterations",
     "train.val_interval",
@@ -335,6 +341,7 @@ def validate(cfg: Config) -> None:
             f"config key 'data.batch_size': must be >= 2 (BatchNorm needs 2 samples), "
             f"got {cfg.data.batch_size}"
         )
+    _check_crf(cfg.model)
     if cfg.data.scale_min > cfg.data.scale_max:
         raise ConfigError("config key 'data.scale_min': must be <= data.scale_max")
     if cfg.eval.mode == "slide" and not cfg.eval.crop_size:
@@ -348,6 +355,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'acosp.end': must be >= acosp.start ({cfg.acosp.start}), "
             f"got {cfg.acosp.end}"
+        )
+
+
+def _check_crf(cfg: ModelConfig) -> None:
+    """``model.crf`` needs a model whose builder accepts ``crf`` (unknown names fail later)."""
+    if cfg.crf is None:
+        return
+    from leanseg.models import list_models, model_options  # lazy: the models need torch
+
+    if cfg.name in list_models() and "crf" not in model_options(cfg.name):
+        supported = [name for name in list_models() if "crf" in model_options(name)]
+        raise ConfigError(
+            f"config key 'model.crf': model {cfg.name!r} has no CRF head; use one of "
+            f"{supported} or set model.crf=null"
         )
 
 

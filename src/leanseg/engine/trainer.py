@@ -38,7 +38,9 @@ from leanseg.viz import prediction_panels
 def model_options(cfg: Config) -> dict[str, Any]:
     """Keyword options of the model builder, as recorded in checkpoints.
 
-    ``model.output_stride`` and ``model.aux`` apply to the models that have them.
+    ``model.output_stride`` and ``model.aux`` apply to the models that have them; ``model.crf``
+    (with ``crf_iters`` / ``crf_gamma``) is passed when set, and is a ConfigError for a model
+    without a CRF head.
     """
     options = dict(cfg.model.options)
     accepted = accepted_options(cfg.model.name)
@@ -46,6 +48,17 @@ def model_options(cfg: Config) -> dict[str, Any]:
         options.setdefault("output_stride", cfg.model.output_stride)
     if "aux" in accepted:
         options.setdefault("aux", cfg.model.aux)
+    if cfg.model.crf is not None:
+        if "crf" not in accepted:
+            from leanseg.errors import ConfigError
+
+            raise ConfigError(
+                f"config key 'model.crf': model {cfg.model.name!r} has no CRF head; use a "
+                "deeplabv3 / deeplabv3plus model or set model.crf=null"
+            )
+        options.setdefault("crf", cfg.model.crf)
+        options.setdefault("crf_iters", cfg.model.crf_iters)
+        options.setdefault("crf_gamma", cfg.model.crf_gamma)
     return options
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from leanseg.errors import ConfigError
 from leanseg.models.backbones import build_backbone
 from leanseg.models.base import SegmentationModel, aux_head, resize
+from leanseg.models.crf import DualDecompositionCRF
 from leanseg.models.layers import ConvLayer, ConvNormAct, NormLayer, init_weights_, norm_layers
 from leanseg.models.registry import register_builder
 
@@ -95,14 +96,43 @@ class DeepLabV3PlusHead(nn.Module):
             nn.Conv2d(channels, num_classes, 1),
         )
 
-    def forward(self, low: Tensor, out: Tensor) -> Tensor:
+    def forward(self, low: Tensor, out: Tensor, *, features: bool = False) -> Tensor:
+        """Logits, or with ``features`` the 256-channel features before the final 1x1."""
         low = self.project(low)
         out = resize(self.aspp(out), low.shape[-2:])
-        return self.classifier(torch.cat([low, out], dim=1))
+        x = torch.cat([low, out], dim=1)
+        return _all_but_last(self.classifier, x) if features else self.classifier(x)
+
+
+def _all_but_last(layers: nn.Sequential, x: Tensor) -> Tensor:
+    """``layers[:-1](x)`` without a new Sequential (torch.fx traces registered modules only)."""
+    *head, _ = layers
+    for layer in head:
+        x = layer(x)
+    return x
+
+
+def _crf_head(
+    crf: str | None, channels: int, num_classes: int, iters: int, gamma: float
+) -> DualDecompositionCRF | None:
+    """The CRF on the head's features (None without one); options checked here."""
+    if crf is None:
+        return None
+    if crf != "ddd":
+        raise ConfigError(f"crf: got {crf!r}; choose one of [None, 'ddd']")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ConfigError(f"crf_iters: got {iters!r}; must be an int >= 1")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+        raise ConfigError(f"crf_gamma: got {gamma!r}; must be a number > 0")
+    return DualDecompositionCRF(channels, num_classes, iters, float(gamma))
 
 
 class DeepLabV3(SegmentationModel):
-    """DeepLabV3: ASPP on the last backbone stage [-> 3x3 conv/BN/ReLU] -> 1x1 to K."""
+    """DeepLabV3: ASPP on the last backbone stage [-> 3x3 conv/BN/ReLU] -> 1x1 to K.
+
+    ``crf="ddd"``: the final 1x1's logits are the unaries of a :class:`DualDecompositionCRF` on
+    the features before it (``crf`` module: the pairwise conv); the layout is otherwise unchanged.
+    """
 
     def __init__(
         self,
@@ -115,6 +145,10 @@ class DeepLabV3(SegmentationModel):
         channels: int = 256,
         norm_layer: NormLayer | None = None,
         conv_layer: ConvLayer = nn.Conv2d,
+        *,
+        crf: str | None = None,
+        crf_iters: int = 5,
+        crf_gamma: float = 2.0,
     ) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
@@ -132,13 +166,20 @@ class DeepLabV3(SegmentationModel):
         self.classifier = nn.Sequential(*layers)
         init_weights_(self.classifier)
         self.aux_classifier = aux_head(backbone, num_classes, norm_layer, conv_layer, aux)
+        self.crf = _crf_head(crf, channels, num_classes, crf_iters, crf_gamma)
 
     def _logits(self, features: dict[str, Tensor]) -> Tensor:
-        return self.classifier(features["out"])
+        if self.crf is None:
+            return self.classifier(features["out"])
+        x = _all_but_last(self.classifier, features["out"])
+        return self.crf(x, self.classifier[-1](x))
 
 
 class DeepLabV3Plus(SegmentationModel):
-    """DeepLabV3+: ASPP plus a decoder on the stride-4 low-level features."""
+    """DeepLabV3+: ASPP plus a decoder on the stride-4 low-level features.
+
+    ``crf="ddd"``: a :class:`DualDecompositionCRF` on the decoder's stride-4 features.
+    """
 
     def __init__(
         self,
@@ -150,6 +191,10 @@ class DeepLabV3Plus(SegmentationModel):
         channels: int = 256,
         norm_layer: NormLayer | None = None,
         conv_layer: ConvLayer = nn.Conv2d,
+        *,
+        crf: str | None = None,
+        crf_iters: int = 5,
+        crf_gamma: float = 2.0,
     ) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
@@ -166,9 +211,13 @@ class DeepLabV3Plus(SegmentationModel):
         )
         init_weights_(self.classifier)
         self.aux_classifier = aux_head(backbone, num_classes, norm_layer, conv_layer, aux)
+        self.crf = _crf_head(crf, channels, num_classes, crf_iters, crf_gamma)
 
     def _logits(self, features: dict[str, Tensor]) -> Tensor:
-        return self.classifier(features["low"], features["out"])
+        if self.crf is None:
+            return self.classifier(features["low"], features["out"])
+        x = self.classifier(features["low"], features["out"], features=True)
+        return self.crf(x, self.classifier.classifier[-1](x))
 
 
 # ---------------------------------------------------------------------------- builders
@@ -188,6 +237,9 @@ def _build(
     norm: str,
     aux: bool = False,
     head_conv: bool = True,
+    crf: str | None = None,
+    crf_iters: int = 5,
+    crf_gamma: float = 2.0,
     **backbone_options,
 ) -> nn.Module:
     """Validate the shared options, build the backbone, then DeepLabV3 (``arch="v3"``) or V3+."""
@@ -202,11 +254,22 @@ def _build(
     backbone = build_backbone(
         backbone_name, output_stride=output_stride, **layers, **backbone_options
     )
+    crf_options = {"crf": crf, "crf_iters": crf_iters, "crf_gamma": crf_gamma}
     if arch == "v3":
         return DeepLabV3(
-            backbone, num_classes, rates, aspp_dropout, head_conv, aux, channels, **layers
+            backbone,
+            num_classes,
+            rates,
+            aspp_dropout,
+            head_conv,
+            aux,
+            channels,
+            **layers,
+            **crf_options,
         )
-    return DeepLabV3Plus(backbone, num_classes, rates, aspp_dropout, aux, channels, **layers)
+    return DeepLabV3Plus(
+        backbone, num_classes, rates, aspp_dropout, aux, channels, **layers, **crf_options
+    )
 
 
 # Options each builder accepts, with their defaults; ``num_classes`` is always required.
@@ -217,6 +280,9 @@ _COMMON: dict[str, Any] = {
     "channels": 256,  # ASPP / head width
     "norm": "bn",  # "bn" or "gn_ws" (GroupNorm 32 + weight standardisation)
     "width_mult": 1.0,  # backbone width; 1.0 keeps torchvision's shapes
+    "crf": None,  # "ddd": DDD CRF layer on the head's logits (leanseg.models.crf)
+    "crf_iters": 5,  # DDD fixed-point iterations
+    "crf_gamma": 2.0,  # DDD smoothing temperature
 }
 _RESNET = {"aux": False, "multi_grid": None}  # aux: FCN head on layer3 (torchvision layout)
 _V3 = {"head_conv": True}  # 3x3 conv -> BN -> ReLU between ASPP and the classifier
