@@ -118,6 +118,9 @@ def test_masked_model_state_dict_round_trip() -> None:
 def test_bad_sparsity_is_one_clear_error() -> None:
     with pytest.raises(ConfigError, match="acosp.sparsity"):
         acosp.apply(nn.Conv2d(3, 4, 1), 1.0)
+    with_crf = build_model("deeplabv3_mobilenetv2", num_classes=3, crf="ddd")
+    with pytest.raises(ConfigError, match="model.crf"):
+        acosp.apply(with_crf, 0.5)
     with pytest.raises(ConfigError, match="acosp.end"):
         load_config(None, ["acosp.sparsity=0.5", "acosp.start=5", "acosp.end=2"])
 

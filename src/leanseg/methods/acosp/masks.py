@@ -73,6 +73,10 @@ def apply(model: nn.Module, sparsity: float, min_keep: int = 8) -> nn.Module:
         or not 0 <= sparsity < 1
     ):
         raise ConfigError(f"acosp.sparsity: got {sparsity!r}; must be a number in [0, 1)")
+    if getattr(model, "crf", None) is not None:
+        raise ConfigError(
+            "acosp: models with a CRF head (model.crf) are not supported; set model.crf=null"
+        )
     skip = output_convs(model)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m not in skip]
     if not convs:
