@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from leanseg import build_model
-from leanseg.bench import _TrainingStep, train_step_report
+from leanseg.bench import TrainingStep, train_step_report
 from leanseg.engine.runtime import select_device
 from leanseg.models.chain_dp import CHAIN_DP
 from leanseg.models.crf import DualDecompositionCRF, ddd_inference
@@ -73,7 +73,7 @@ def _iterations_run(crf: DualDecompositionCRF, features: Tensor, unary: Tensor) 
     return len(trace)
 
 
-def _round_robin(steps: list[_TrainingStep], rounds: int) -> list[float]:
+def _round_robin(steps: list[TrainingStep], rounds: int) -> list[float]:
     """Median seconds of each step, timed one after another per round (already warmed up)."""
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(rounds):
@@ -97,7 +97,7 @@ def measure(size: int, args: argparse.Namespace, device: torch.device) -> dict:
         report = train_step_report(head, features, targets, steps=1)
         report["iterations_run"] = _iterations_run(crf, features, unary)
         rows.append({"variant": f"crf_alone[{dp}]", **report})
-        steps.append(_TrainingStep(head.train(), features, targets, 255))
+        steps.append(TrainingStep(head.train(), features, targets, 255))
     image_size = 16 * (size - 1) + 1
     if args.model:
         images = torch.randn(b, 3, image_size, image_size, generator=gen).to(device)
@@ -114,7 +114,7 @@ def measure(size: int, args: argparse.Namespace, device: torch.device) -> dict:
             _trim()
             report = train_step_report(model, images, image_targets, steps=1)
             rows.append({"variant": label, **report})
-            steps.append(_TrainingStep(model, images, image_targets, 255))
+            steps.append(TrainingStep(model, images, image_targets, 255))
     for row, seconds in zip(rows, _round_robin(steps, args.rounds), strict=True):
         row["step_seconds_median"] = seconds
     if args.model:

@@ -55,7 +55,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _TrainingStep:
+class TrainingStep:
     """Forward, cross-entropy, backward and an SGD step of one model on fixed data."""
 
     def __init__(
@@ -94,7 +94,7 @@ def train_step_report(
     timed steps (after a warm-up step, so optimizer state is already allocated).
     """
     device = images.device
-    step = _TrainingStep(model, images, targets, ignore_index)
+    step = TrainingStep(model, images, targets, ignore_index)
     saved = backrazor.saved_tensor_bytes(step.loss, exclude_parameters=True)
     step()  # warm-up
     before = rss_bytes()
@@ -127,7 +127,7 @@ def interleaved_step_seconds(
     Interleaving exposes every model to the same drift of a shared machine (other processes,
     clock speed), which timing them one after another does not; one untimed round warms up.
     """
-    steps = [_TrainingStep(m, images, targets, ignore_index) for m in models]
+    steps = [TrainingStep(m, images, targets, ignore_index) for m in models]
     for step in steps:
         step()
     times: list[list[float]] = [[] for _ in steps]
