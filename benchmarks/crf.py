@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from leanseg import build_model
-from leanseg.bench import TrainingStep, train_step_report
+from leanseg.bench import TrainingStep, round_robin_seconds, train_step_report
 from leanseg.engine.runtime import select_device
 from leanseg.models.chain_dp import CHAIN_DP
 from leanseg.models.crf import DualDecompositionCRF, ddd_inference
@@ -73,15 +73,6 @@ def _iterations_run(crf: DualDecompositionCRF, features: Tensor, unary: Tensor) 
     return len(trace)
 
 
-def _round_robin(steps: list[TrainingStep], rounds: int) -> list[float]:
-    """Median seconds of each step, timed one after another per round (already warmed up)."""
-    times: list[list[float]] = [[] for _ in steps]
-    for _ in range(rounds):
-        for step, spent in zip(steps, times, strict=True):
-            spent.append(step())
-    return [sorted(spent)[len(spent) // 2] for spent in times]
-
-
 def measure(size: int, args: argparse.Namespace, device: torch.device) -> dict:
     gen = torch.Generator().manual_seed(0)
     b, k, c = args.batch, args.classes, args.channels
@@ -115,7 +106,7 @@ def measure(size: int, args: argparse.Namespace, device: torch.device) -> dict:
             report = train_step_report(model, images, image_targets, steps=1)
             rows.append({"variant": label, **report})
             steps.append(TrainingStep(model, images, image_targets, 255))
-    for row, seconds in zip(rows, _round_robin(steps, args.rounds), strict=True):
+    for row, seconds in zip(rows, round_robin_seconds(steps, args.rounds), strict=True):
         row["step_seconds_median"] = seconds
     if args.model:
         base = next(row for row in rows if row["variant"] == args.model)

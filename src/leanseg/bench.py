@@ -7,6 +7,7 @@ compare settings side by side with the same functions.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,11 @@ def interleaved_step_seconds(
     steps = [TrainingStep(m, images, targets, ignore_index) for m in models]
     for step in steps:
         step()
+    return round_robin_seconds(steps, rounds)
+
+
+def round_robin_seconds(steps: list[Callable[[], float]], rounds: int) -> list[float]:
+    """Median of each timed callable over ``rounds`` rounds of one call each, in turn."""
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(rounds):
         for step, spent in zip(steps, times, strict=True):
