@@ -7,25 +7,21 @@ Trains the default recipe (deeplabv3plus_resnet18, width 0.5, synthetic data) on
 masks and once per sparsity with ACoSP (soft masks annealed from the start, hard from
 ``--harden-at`` of the run on), all with the same iterations, optimizer and seed. Each run's
 final val mIoU is measured on the hard-masked model; when ``acosp.shrink`` is available the
-run's model is also shrunk physically and its parameters counted. A finished run (its
-``final_metrics.json`` exists) is reused. Prints JSON and writes a PNG of mIoU against the
+run's model is also shrunk physically and its parameters counted. A finished run is reused
+(``synthetic_runs.train_run``). Prints JSON and writes a PNG of mIoU against the
 compression ratio (needs matplotlib: ``pip install -e ".[bench]"``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
-import time
 from pathlib import Path
 
 import torch
+from synthetic_runs import train_run
 
-from leanseg.config import load_config
 from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from leanseg.engine.trainer import Trainer
 from leanseg.methods import acosp
 
 
@@ -36,16 +32,7 @@ def _parameters(model: torch.nn.Module) -> int:
 def train(name: str, overrides: list[str], work: Path) -> dict:
     """Train one run into ``work/name`` (or reuse it); returns its figures."""
     run_dir = work / name
-    done = run_dir / "final_metrics.json"
-    if not done.is_file():
-        cfg = load_config(None, ["train.tensorboard=false", *overrides])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):  # stdout stays pure JSON
-            metrics = Trainer(cfg, run_dir, progress=False).fit()
-        figures = {"miou": metrics.miou, "seconds": time.perf_counter() - start}
-        done.write_text(json.dumps(figures))
-    figures = json.loads(done.read_text())
+    figures = train_run(overrides, run_dir)
     model = model_from_checkpoint(load_checkpoint(run_dir / "last.pt"), str(run_dir))
     figures["parameters"] = _parameters(model)
     shrink = getattr(acosp, "shrink", None)

@@ -14,28 +14,13 @@ Prints JSON with both val mIoU values and the gap (target: <= 2 points).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
-import time
 from pathlib import Path
 
 import torch
-
-from leanseg.config import load_config
-from leanseg.engine.trainer import Trainer
+from synthetic_runs import train_run
 
 FINETUNE_TASK = ["data.synthetic_seed=1", "data.synthetic_train=300", "data.synthetic_val=100"]
-
-
-def train(overrides: list[str], run_dir: Path) -> tuple[float, float]:
-    """Train a config in ``run_dir``; returns (final val mIoU, seconds)."""
-    cfg = load_config(None, ["train.tensorboard=false", *overrides])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # stdout stays pure JSON
-        metrics = Trainer(cfg, run_dir, progress=False).fit()
-    return metrics.miou, time.perf_counter() - start
 
 
 def main() -> None:
@@ -49,14 +34,12 @@ def main() -> None:
     pretrained = work / "pretrain" / "last.pt"
     result: dict = {"benchmark": "backrazor_transfer", "threads": torch.get_num_threads()}
     if not pretrained.is_file():
-        miou, seconds = train(
-            [
-                f"train.iterations={args.pretrain_iters}",
-                f"train.val_interval={args.pretrain_iters}",
-            ],
-            work / "pretrain",
-        )
-        result["pretrain"] = {"miou": miou, "seconds": seconds, "iterations": args.pretrain_iters}
+        budget = [
+            f"train.iterations={args.pretrain_iters}",
+            f"train.val_interval={args.pretrain_iters}",
+        ]
+        figures = train_run(budget, work / "pretrain", reuse=False)
+        result["pretrain"] = {**figures, "iterations": args.pretrain_iters}
     common = [
         *FINETUNE_TASK,
         f"model.pretrained={pretrained}",
@@ -67,8 +50,8 @@ def main() -> None:
     ]
     runs = {"dense": [], f"backrazor_{args.ratio}": [f"backrazor.ratio={args.ratio}"]}
     for name, extra in runs.items():
-        miou, seconds = train([*common, *extra], work / name)
-        result[name] = {"miou": miou, "seconds": seconds, "iterations": args.finetune_iters}
+        figures = train_run([*common, *extra], work / name, reuse=False)
+        result[name] = {**figures, "iterations": args.finetune_iters}
     gap = result["dense"]["miou"] - result[f"backrazor_{args.ratio}"]["miou"]
     result["miou_gap_points"] = 100 * gap
     result["target_gap_le_2_points"] = 100 * gap <= 2

@@ -5,37 +5,19 @@
 
 Trains the default recipe on the synthetic dataset twice with the same iterations, optimizer,
 data order and seed: once as is, once with ``model.crf=ddd`` (the CRF on the decoder features).
-Extra ``key.sub=value`` overrides go to both runs. A finished run (its ``final_metrics.json``
-exists) is reused. Prints JSON with both val mIoU values, the gain in points (target: >= 1)
-and each run's wall-clock time.
+Extra ``key.sub=value`` overrides go to both runs. A finished run is reused
+(``synthetic_runs.train_run``). Prints JSON with both val mIoU values, the gain in points
+(target: >= 1) and each run's wall-clock time.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
-import time
 from pathlib import Path
 
 import torch
-
-from leanseg.config import load_config
-from leanseg.engine.trainer import Trainer
-
-
-def train(overrides: list[str], run_dir: Path) -> dict:
-    """Train a config in ``run_dir`` (or reuse it); returns its final val mIoU and seconds."""
-    done = run_dir / "final_metrics.json"
-    if not done.is_file():
-        cfg = load_config(None, ["train.tensorboard=false", *overrides])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):  # stdout stays pure JSON
-            metrics = Trainer(cfg, run_dir, progress=False).fit()
-        done.write_text(json.dumps({"miou": metrics.miou, "seconds": time.perf_counter() - start}))
-    return json.loads(done.read_text())
+from synthetic_runs import train_run
 
 
 def main() -> None:
@@ -58,8 +40,8 @@ def main() -> None:
         f"model.crf_gamma={args.crf_gamma}",
     ]
     result: dict = {"benchmark": "ddd_synthetic", "threads": torch.get_num_threads()}
-    result["baseline"] = train(common, work / "baseline")
-    result["ddd"] = train([*common, *crf], work / "ddd")
+    result["baseline"] = train_run(common, work / "baseline")
+    result["ddd"] = train_run([*common, *crf], work / "ddd")
     gain = 100 * (result["ddd"]["miou"] - result["baseline"]["miou"])
     result.update(iterations=args.iterations, overrides=args.overrides, miou_gain_points=gain)
     result["target_gain_ge_1_point"] = gain >= 1

@@ -19,6 +19,7 @@ from leanseg.errors import ConfigError
 from leanseg.methods import acosp
 from leanseg.methods.acosp.fold import FoldedConv2d
 from leanseg.models.backbones import MobileNetV2, ResNet
+from tests.helpers import OutLogits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,15 +189,7 @@ def test_shrunk_model_exports_to_onnx():
     x = _input("segnet")[:1]
     buffer = io.BytesIO()
 
-    class Logits(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = small
-
-        def forward(self, image: torch.Tensor) -> torch.Tensor:
-            return self.model(image)["out"]
-
-    torch.onnx.export(Logits().eval(), (x,), buffer, dynamo=False, input_names=["image"])
+    torch.onnx.export(OutLogits(small).eval(), (x,), buffer, dynamo=False, input_names=["image"])
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])

@@ -23,6 +23,7 @@ from leanseg.engine.trainer import model_options
 from leanseg.models import crf as crf_module
 from leanseg.models.chain_dp import CHAIN_DP, chain_dp, chain_dp_autograd, chain_values
 from leanseg.models.crf import DualDecompositionCRF, ddd_inference, dense_crf
+from tests.helpers import OutLogits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
@@ -334,15 +335,6 @@ def test_crf_on_an_unsupported_model_fails_when_building_too():
         build_model("deeplabv3_resnet18", 3, crf="ddd", crf_gamma=-1.0)
 
 
-class _Logits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)["out"]
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore:Constant folding:UserWarning")  # strided slices
@@ -352,7 +344,7 @@ def test_onnx_export_matches_pytorch():
     torch.manual_seed(0)
     model = build_model("deeplabv3_resnet18", 3, crf="ddd", crf_iters=3, **TINY_OPTIONS)
     nn.init.normal_(model.crf.pairwise.weight, 0.0, 0.3)
-    model = _Logits(model).eval()
+    model = OutLogits(model).eval()
     x = torch.randn(1, 3, 80, 64)
     with torch.no_grad():
         expected = model(x)

@@ -16,6 +16,7 @@ from torch import nn
 from leanseg import ConfigError, build_model, list_models
 from leanseg.models.backbones import build_backbone
 from leanseg.models.deeplab import DeepLabV3
+from tests.helpers import OutLogits
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 DEEPLAB_MODELS = [
@@ -186,17 +187,6 @@ def test_eval_output_and_state_dict_round_trip(name, options):
         assert torch.equal(other(x)["out"], out["out"])
 
 
-class _Logits(nn.Module):
-    """The ``"out"`` tensor of a model, for export."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)["out"]
-
-
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # group_norm's batch check
@@ -205,7 +195,7 @@ def test_onnx_export_matches_pytorch(name, options):
     pytest.importorskip("onnx", reason="the ONNX export test needs the onnx package")
     ort = pytest.importorskip("onnxruntime", reason="the ONNX export test needs onnxruntime")
     # Quarter width: the same graph with 16x fewer weights to serialise.
-    model = _Logits(_build(name, {"width_mult": 0.25, **options})).eval()
+    model = OutLogits(_build(name, {"width_mult": 0.25, **options})).eval()
     x = torch.randn(1, 3, *_input_size(name))
     with torch.no_grad():
         expected = model(x)
