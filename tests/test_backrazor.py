@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from fractions import Fraction
 
 import pytest
@@ -419,3 +420,43 @@ def test_autocast_forward_identical_and_gradients_match_at_ratio_zero() -> None:
     assert "SparseLinearFn" in type(outs[1].grad_fn).__name__
     for (key, p), q in zip(net.named_parameters(), sparse.parameters(), strict=True):
         assert q.grad.dtype == torch.float32 and torch.allclose(p.grad, q.grad), key
+
+
+def _with_acosp_masks(model: nn.Module) -> nn.Module:
+    from leanseg.methods import acosp
+
+    acosp.apply(model, 0.5, min_keep=2)
+    acosp.set_temperature(model, 0.1)
+    return model
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(
+            lambda: _with_acosp_masks(build_model("deeplabv3_resnet18", 3, width_mult=0.25)),
+            id="acosp",
+        ),
+        pytest.param(
+            lambda: build_model("deeplabv3_resnet18", 3, width_mult=0.25, crf="ddd", crf_iters=2),
+            id="ddd",
+        ),
+    ],
+)
+def test_composes_with_acosp_masks_and_the_ddd_crf(build: Callable[[], nn.Module]) -> None:
+    torch.manual_seed(0)
+    dense = build().train()
+    sparse0 = _sparse(dense, 0.0)
+    sparse9 = _sparse(dense, 0.9)
+    x = torch.randn(2, 3, 33, 33)
+    outs = []
+    for model in (dense, sparse0, sparse9):
+        torch.manual_seed(1)
+        outs.append(_out(model(x)))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    for out in outs:
+        out.square().mean().backward()
+    named = dict(sparse9.named_parameters())
+    for (key, p), q in zip(dense.named_parameters(), sparse0.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6), key
+        assert named[key].grad is not None, key  # every parameter (ACoSP scores too) still learns
