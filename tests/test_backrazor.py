@@ -460,3 +460,92 @@ def test_composes_with_acosp_masks_and_the_ddd_crf(build: Callable[[], nn.Module
     for (key, p), q in zip(dense.named_parameters(), sparse0.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6), key
         assert named[key].grad is not None, key  # every parameter (ACoSP scores too) still learns
+
+
+# ---------------------------------------------------------------------------- value dtype, BN modes
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16])
+def test_narrow_value_dtype_stores_narrow_values_and_weight_grad_uses_them(
+    value_dtype: torch.dtype,
+) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1).train()
+    x = torch.randn(2, 4, 16, 16)
+    grad = torch.randn(2, 6, 16, 16)
+    narrow = br.apply(copy.deepcopy(conv), RATIO, scope="all", value_dtype=str(value_dtype)[6:])
+    saved: list[Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = narrow(x.clone().requires_grad_(True))
+    assert value_dtype in {t.dtype for t in saved}
+    out.backward(grad)
+    rounded = (x * br.magnitude_mask(x, RATIO)).to(value_dtype).float()
+    _, g_rounded = _grads(copy.deepcopy(conv), rounded, grad)
+    assert torch.allclose(narrow.weight.grad, g_rounded["weight"], rtol=1e-5, atol=1e-5)
+    wide = _sparse(conv, RATIO)
+    n = x.numel()
+    x_grad = x.clone().requires_grad_(True)
+    wide_bytes = br.saved_tensor_bytes(lambda: wide(x_grad), exclude_parameters=True)
+    narrow_bytes = br.saved_tensor_bytes(lambda: narrow(x_grad), exclude_parameters=True)
+    assert wide_bytes - narrow_bytes == math.ceil((1 - RATIO) * n / 2) * 2 * 2  # 2 bytes a value
+    shape = tuple(x.shape)
+    assert br.analytic_saved_bytes(narrow, shape) == round(2 * 0.2 * n + n / 8)
+
+
+def test_frozen_bn_uses_running_statistics_saves_nothing_and_is_exact() -> None:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    stats = (bn.running_mean.clone(), bn.running_var.clone())
+    frozen = br.apply(copy.deepcopy(bn).train(), 0.9, scope="all", bn="frozen")
+    assert type(frozen) is br.FrozenStatsBatchNorm2d
+    assert not frozen.weight.requires_grad and not frozen.bias.requires_grad
+    x = torch.randn(4, 3, 8, 8) * 2 + 1
+    grad = torch.randn_like(x)
+    dx_frozen, g_frozen = _grads(frozen, x, grad)
+    dx_eval, _ = _grads(copy.deepcopy(bn).eval(), x, grad)
+    with torch.no_grad():
+        assert torch.allclose(frozen(x), bn.eval()(x), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(dx_frozen, dx_eval, rtol=1e-6, atol=1e-7)
+    assert g_frozen == {"weight": None, "bias": None}
+    assert torch.equal(frozen.running_mean, stats[0]) and torch.equal(frozen.running_var, stats[1])
+    x_grad = x.clone().requires_grad_(True)
+    assert br.saved_tensor_bytes(lambda: frozen(x_grad), exclude_parameters=True) < x.numel()
+    assert br.analytic_saved_bytes(nn.Sequential(frozen), tuple(x.shape)) == 0
+    br.apply(frozen, 0.9, scope="all", bn="sparse")  # leaving frozen gives the affine back
+    assert type(frozen) is br.SparseBatchNorm2d and frozen.weight.requires_grad
+    br.apply(frozen, 0.9, scope="all", bn="frozen")
+    br.remove(frozen)
+    assert type(frozen) is nn.BatchNorm2d and frozen.bias.requires_grad
+
+
+def test_dense_bn_mode_keeps_stock_batchnorm_and_the_model_saves_less_with_each_option() -> None:
+    torch.manual_seed(0)
+    model = build_model("deeplabv3_resnet18", 3, width_mult=0.25).train()
+    x = torch.randn(2, 3, 33, 33)
+    saved = {}
+    for bn, value_dtype in [
+        ("dense", None),
+        ("sparse", None),
+        ("sparse", "bfloat16"),
+        ("frozen", None),
+    ]:
+        br.apply(model, 0.9, scope="all", value_dtype=value_dtype, bn=bn)
+        norms = {type(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+        assert norms == {br.modules.BN_TYPES[bn]}
+        saved[bn, value_dtype] = br.saved_tensor_bytes(lambda: model(x), exclude_parameters=True)
+    assert saved["dense", None] > saved["sparse", None] > saved["sparse", "bfloat16"]
+    assert saved["sparse", None] > saved["frozen", None]
+
+
+def test_value_dtype_and_bn_mode_validation() -> None:
+    model = build_model("deeplabv3_resnet18", 3, width_mult=0.25)
+    for value_dtype in ("float64", torch.float32, "fp16"):
+        with pytest.raises(ConfigError, match="backrazor.value_dtype"):
+            br.apply(model, 0.5, value_dtype=value_dtype)
+    with pytest.raises(ConfigError, match="backrazor.bn"):
+        br.apply(model, 0.5, bn="sync")

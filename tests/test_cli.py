@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from leanseg.cli import main
@@ -273,11 +274,18 @@ def test_data_check_cli_finds_planted_defects(cache, tmp_path):
 
 def test_backrazor_is_a_config_switch(cache, tmp_path, capsys):
     work = tmp_path / "runs"
-    args = tiny(cache, work, "train.iterations=2", "train.val_interval=2", "backrazor.ratio=0.9")
+    options = ["backrazor.ratio=0.9", "backrazor.bn=frozen", "backrazor.value_dtype=bfloat16"]
+    args = tiny(cache, work, "train.iterations=2", "train.val_interval=2", *options)
     assert main(["train", *args]) == 0
     run = only_run(work)
+    saved = yaml.safe_load((run / "config.yaml").read_text())["backrazor"]
+    assert (saved["bn"], saved["value_dtype"]) == ("frozen", "bfloat16")
     # the checkpoint is a plain model's: leanseg eval rebuilds it without BackRazor
     assert main(["eval", "--checkpoint", str(run / "last.pt")]) == 0
     assert "mIoU" in capsys.readouterr().out
     bad = run_cli("train", *tiny(cache, tmp_path / "r2"), "backrazor.ratio=1.5")
     assert bad.returncode == 2 and "backrazor.ratio" in bad.stderr
+    bad = run_cli(
+        "train", *tiny(cache, tmp_path / "r3"), "backrazor.ratio=0.9", "backrazor.bn=sync"
+    )
+    assert bad.returncode == 2 and "backrazor.bn" in bad.stderr

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+from leanseg.engine.distributed import sync_batchnorm
+from leanseg.methods import backrazor
+from leanseg.models import build_model
 from tests.test_cli import TINY, only_run
 
 
@@ -65,3 +68,18 @@ def test_two_process_training_and_sharded_eval_match_single_process(tmp_path):
     matrix_one = json.loads(one.read_text())["confusion_matrix"]
     assert matrix_two == matrix_one
     assert sum(map(sum, matrix_one)) > 0
+
+
+def test_sync_batchnorm_converts_every_batchnorm_but_backrazor_frozen_ones():
+    model = build_model("deeplabv3_resnet18", 3, width_mult=0.25)
+    backrazor.apply(model, 0.9, scope="backbone", bn="frozen")
+    frozen_type = backrazor.FrozenStatsBatchNorm2d
+    frozen = {name for name, m in model.named_modules() if type(m) is frozen_type}
+    bns = {name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert frozen and len(bns) > len(frozen)  # the head's BNs are not frozen
+    converted = sync_batchnorm(model)
+    for name, module in converted.named_modules():
+        if name in frozen:
+            assert type(module) is frozen_type, name
+        elif name in bns:
+            assert type(module) is torch.nn.SyncBatchNorm, name

@@ -150,7 +150,7 @@ def memory_report(cfg: Config, num_classes: int, device: torch.device) -> dict[s
 
     model = build_model(cfg.model.name, num_classes, **model_options(cfg))
     if cfg.backrazor.ratio is not None:
-        backrazor.apply(model, cfg.backrazor.ratio, cfg.backrazor.scope)
+        backrazor.apply_config(model, cfg.backrazor)
     model = model.to(device)
     height, width = cfg.data.crop_size, cfg.data.crop_width or cfg.data.crop_size
     shape = (cfg.data.batch_size, 3, height, width)
@@ -164,6 +164,8 @@ def memory_report(cfg: Config, num_classes: int, device: torch.device) -> dict[s
         "input": list(shape),
         "backrazor_ratio": cfg.backrazor.ratio,
         "backrazor_scope": cfg.backrazor.scope,
+        "backrazor_value_dtype": cfg.backrazor.value_dtype,
+        "backrazor_bn": cfg.backrazor.bn,
         "device": str(device),
         **report,
     }

@@ -117,6 +117,8 @@ class BackRazorConfig:
 
     ratio: float | None = None  # fraction of each activation pruned for backward, e.g. 0.9
     scope: str = "backbone"  # backbone | head | all
+    value_dtype: str | None = None  # kept values as float16 | bfloat16; null: activation dtype
+    bn: str = "sparse"  # sparse (the original) | dense (stock BN) | frozen (running stats)
 
 
 @dataclass
@@ -170,6 +172,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.amp_dtype": ("auto", "bf16", "fp16"),
     "eval.mode": ("whole", "slide"),
     "backrazor.scope": ("backbone", "head", "all"),
+    "backrazor.value_dtype": (None, "float16", "bfloat16"),
+    "backrazor.bn": ("sparse", "dense", "frozen"),
     "acosp.unit": ("iteration", "epoch"),
 }
 POSITIVE = (

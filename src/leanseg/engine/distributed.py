@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from leanseg.methods.backrazor import FrozenStatsBatchNorm2d
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -69,9 +71,24 @@ def wrap_model(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Mod
     if not info.enabled:
         return model
     if device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = sync_batchnorm(model)
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """``nn.SyncBatchNorm.convert_sync_batchnorm``, except for BatchNorms frozen by BackRazor.
+
+    A frozen BN (``backrazor.bn=frozen``) trains on its running statistics: there is nothing to
+    synchronise, and a SyncBatchNorm in its place would go back to batch statistics.
+    """
+    if isinstance(module, FrozenStatsBatchNorm2d):
+        return module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        module.add_module(name, sync_batchnorm(child))
+    return module
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -129,7 +129,7 @@ class Trainer:
             acosp.apply(model, cfg.acosp.sparsity, cfg.acosp.min_keep)
         self.mask_schedule = acosp_schedule(cfg, len(self.train_set), self.dist.world_size)
         if cfg.backrazor.ratio is not None:
-            backrazor.apply(model, cfg.backrazor.ratio, cfg.backrazor.scope)
+            backrazor.apply_config(model, cfg.backrazor)
         model = model.to(self.device)
         self.net = wrap_model(model, self.device, self.dist)  # DDP + SyncBN when distributed
         self.model = self.net.module if self.net is not model else model

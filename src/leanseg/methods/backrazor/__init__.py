@@ -6,9 +6,12 @@ copy of each layer input. Spec: shared/methods/backrazor.md.
 """
 
 from leanseg.methods.backrazor.apply import (
+    BN_MODES,
     SCOPES,
+    VALUE_DTYPES,
     analytic_saved_bytes,
     apply,
+    apply_config,
     remove,
     saved_tensor_bytes,
 )
@@ -20,6 +23,7 @@ from leanseg.methods.backrazor.functions import (
 )
 from leanseg.methods.backrazor.modules import (
     BackRazorMixin,
+    FrozenStatsBatchNorm2d,
     PackedReLU,
     PackedReLU6,
     SparseBatchNorm2d,
@@ -31,8 +35,11 @@ from leanseg.methods.backrazor.packing import pack_mask, sparsify, unpack_mask, 
 from leanseg.methods.backrazor.selection import keep_count, kept_indices, magnitude_mask
 
 __all__ = [
+    "BN_MODES",
     "SCOPES",
+    "VALUE_DTYPES",
     "BackRazorMixin",
+    "FrozenStatsBatchNorm2d",
     "PackedReLU",
     "PackedReLU6",
     "PackedReLUFn",
@@ -45,6 +52,7 @@ __all__ = [
     "SparseWSConv2d",
     "analytic_saved_bytes",
     "apply",
+    "apply_config",
     "keep_count",
     "kept_indices",
     "magnitude_mask",

@@ -24,18 +24,20 @@ from leanseg.methods.backrazor.packing import pack_mask, sparsify, unpack_mask, 
 aten = torch.ops.aten
 
 
-def _sparsify_once(x: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
+def _sparsify_once(
+    x: Tensor, ratio: float, value_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
     """:func:`sparsify`, reused when the same unmodified tensor comes again at the same ratio.
 
     Several layers often read one tensor (a ResNet block's input feeds conv1 and the shortcut
     conv; the ASPP branches share the backbone output): they then share one saved copy, as
     stock autograd shares the dense input. The copy hangs on the tensor and dies with it.
     """
-    key = (x._version, ratio)
+    key = (x._version, ratio, value_dtype)
     cached = getattr(x, "_backrazor_sparse", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    result = sparsify(x, ratio)
+    result = sparsify(x, ratio, value_dtype)
     x._backrazor_sparse = (key, result)  # type: ignore[attr-defined]
     return result
 
@@ -50,15 +52,16 @@ class SparseConv2dFn(torch.autograd.Function):
         weight: Tensor,
         bias: Tensor | None,
         ratio: float,
+        value_dtype: torch.dtype | None,
         stride: tuple[int, int],
         padding: tuple[int, int],
         dilation: tuple[int, int],
         groups: int,
     ) -> Tensor:
         out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        packed, values = _sparsify_once(x, ratio)
+        packed, values = _sparsify_once(x, ratio, value_dtype)
         ctx.save_for_backward(packed, values, weight)
-        ctx.shape = x.shape
+        ctx.shape, ctx.dtype = x.shape, x.dtype
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.args = (list(stride), list(padding), list(dilation), groups)
         return out
@@ -66,7 +69,7 @@ class SparseConv2dFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         packed, values, weight = ctx.saved_tensors
-        x_tilde = unsparsify(packed, values, ctx.shape)
+        x_tilde = unsparsify(packed, values, ctx.shape, ctx.dtype)
         stride, padding, dilation, groups = ctx.args
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx, dw, db = aten.convolution_backward(
@@ -82,7 +85,7 @@ class SparseConv2dFn(torch.autograd.Function):
             groups,
             [need_x, need_w, need_b and ctx.bias_sizes is not None],
         )
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 class SparseLinearFn(torch.autograd.Function):
@@ -90,12 +93,17 @@ class SparseLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, ratio: float
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        ratio: float,
+        value_dtype: torch.dtype | None,
     ) -> Tensor:
         out = F.linear(x, weight, bias)
-        packed, values = _sparsify_once(x, ratio)
+        packed, values = _sparsify_once(x, ratio, value_dtype)
         ctx.save_for_backward(packed, values, weight)
-        ctx.shape = x.shape
+        ctx.shape, ctx.dtype = x.shape, x.dtype
         ctx.has_bias = bias is not None
         return out
 
@@ -108,11 +116,11 @@ class SparseLinearFn(torch.autograd.Function):
             dx = grad_out.matmul(weight)
         g2d = grad_out.reshape(-1, grad_out.shape[-1])
         if need_w:
-            x_tilde = unsparsify(packed, values, ctx.shape)
+            x_tilde = unsparsify(packed, values, ctx.shape, ctx.dtype)
             dw = g2d.t().matmul(x_tilde.reshape(-1, x_tilde.shape[-1]))
         if need_b and ctx.has_bias:
             db = g2d.sum(dim=0)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 class SparseBatchNorm2dFn(torch.autograd.Function):
@@ -129,20 +137,21 @@ class SparseBatchNorm2dFn(torch.autograd.Function):
         momentum: float,
         eps: float,
         ratio: float,
+        value_dtype: torch.dtype | None,
     ) -> Tensor:
         out, save_mean, save_invstd = aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps
         )
-        packed, values = _sparsify_once(x, ratio)
+        packed, values = _sparsify_once(x, ratio, value_dtype)
         ctx.save_for_backward(packed, values, weight, save_mean, save_invstd)
-        ctx.shape = x.shape
+        ctx.shape, ctx.dtype = x.shape, x.dtype
         ctx.eps = eps
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         packed, values, weight, save_mean, save_invstd = ctx.saved_tensors
-        x_tilde = unsparsify(packed, values, ctx.shape)
+        x_tilde = unsparsify(packed, values, ctx.shape, ctx.dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx, dw, db = aten.native_batch_norm_backward(
             grad_out.contiguous(),
@@ -156,7 +165,7 @@ class SparseBatchNorm2dFn(torch.autograd.Function):
             ctx.eps,
             [need_x, need_w and weight is not None, need_b and weight is not None],
         )
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 class PackedReLUFn(torch.autograd.Function):

@@ -25,9 +25,14 @@ from leanseg.models.layers import WSConv2d
 
 
 class BackRazorMixin:
-    """Marks a BackRazor layer; ``backrazor_ratio`` is the fraction of saved entries pruned."""
+    """Marks a BackRazor layer; ``backrazor_ratio`` is the fraction of saved entries pruned.
+
+    ``backrazor_value_dtype`` stores the kept values narrower (float16 / bfloat16; None: the
+    activation's dtype).
+    """
 
     backrazor_ratio: float = 0.0
+    backrazor_value_dtype: torch.dtype | None = None
 
     def _sparse_active(self, x: Tensor) -> bool:
         if not (self.training and torch.is_grad_enabled()):  # type: ignore[attr-defined]
@@ -80,6 +85,7 @@ class _SparseConvBase(BackRazorMixin):
             weight,
             bias,
             self.backrazor_ratio,
+            self.backrazor_value_dtype,
             conv.stride,
             padding,
             conv.dilation,
@@ -105,7 +111,9 @@ class SparseLinear(BackRazorMixin, nn.Linear):
         if not self._sparse_active(x):
             return super().forward(x)
         x, weight, bias = _autocast(x, self.weight, self.bias)
-        return SparseLinearFn.apply(x, weight, bias, self.backrazor_ratio)
+        return SparseLinearFn.apply(
+            x, weight, bias, self.backrazor_ratio, self.backrazor_value_dtype
+        )
 
 
 class SparseBatchNorm2d(BackRazorMixin, nn.BatchNorm2d):
@@ -134,7 +142,35 @@ class SparseBatchNorm2d(BackRazorMixin, nn.BatchNorm2d):
             momentum,
             self.eps,
             self.backrazor_ratio,
+            self.backrazor_value_dtype,
         )
+
+
+class FrozenStatsBatchNorm2d(BackRazorMixin, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` frozen for fine-tuning (backrazor.md section 10, BN mode ``frozen``).
+
+    Training uses the running statistics, which stay as they are, and the affine parameters are
+    frozen (``apply`` turns their ``requires_grad`` off): ``y = x * scale + shift`` with constant
+    ``scale`` and ``shift``, so nothing of ``x`` is saved and dX = dY * scale is exact. Eval mode
+    runs the stock forward, which computes the same thing.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.running_mean is None or self.running_var is None:
+            return super().forward(x)
+        self._check_input_dim(x)
+        with torch.no_grad():
+            scale = torch.rsqrt(self.running_var + self.eps)
+            if self.weight is not None:
+                scale = scale * self.weight
+            shift = -self.running_mean * scale
+            if self.bias is not None:
+                shift = shift + self.bias
+        view = (1, -1, 1, 1)
+        return x * scale.to(x.dtype).view(view) + shift.to(x.dtype).view(view)
+
+    def extra_repr(self) -> str:
+        return nn.BatchNorm2d.extra_repr(self) + ", frozen statistics and affine"
 
 
 class PackedReLU(BackRazorMixin, nn.ReLU):
@@ -192,4 +228,13 @@ SPARSE_TYPES: dict[type[nn.Module], type[nn.Module]] = {
     nn.ReLU6: PackedReLU6,
     nn.MaxPool2d: PackedMaxPool2d,
 }
-STOCK_TYPES: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in SPARSE_TYPES.items()}
+STOCK_TYPES: dict[type[nn.Module], type[nn.Module]] = {
+    **{v: k for k, v in SPARSE_TYPES.items()},
+    FrozenStatsBatchNorm2d: nn.BatchNorm2d,
+}
+# BatchNorm2d handling, the ``bn`` argument of ``apply`` (backrazor.md section 10)
+BN_TYPES: dict[str, type[nn.Module]] = {
+    "sparse": SparseBatchNorm2d,
+    "dense": nn.BatchNorm2d,
+    "frozen": FrozenStatsBatchNorm2d,
+}

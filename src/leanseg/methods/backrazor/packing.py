@@ -2,7 +2,8 @@
 
 Storage (backrazor.md section 3): ``values`` are the kept entries as one 1-D gather in row-major
 order; ``bitmap`` is the mask flattened, zero-padded to a multiple of 8 and packed MSB-first,
-8 mask bits per ``uint8``. Cost per element: ``(1 - R) * bytes(dtype) + 1/8``.
+8 mask bits per ``uint8``. Cost per element: ``(1 - R) * bytes(dtype) + 1/8``, where the values
+keep the activation's dtype or, with ``value_dtype``, a narrower one (float16 / bfloat16).
 """
 
 from __future__ import annotations
@@ -46,15 +47,28 @@ def unpack_mask(packed: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
 
 
 @torch.no_grad()
-def sparsify(x: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
-    """``(packed bitmap, kept values)`` of ``x``: the entries :func:`kept_indices` keeps."""
+def sparsify(
+    x: Tensor, ratio: float, value_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(packed bitmap, kept values)`` of ``x``: the entries :func:`kept_indices` keeps.
+
+    The values are stored as ``value_dtype`` when given (None: ``x.dtype``).
+    """
     index = kept_indices(x, ratio)
     mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device).index_fill_(0, index, True)
     packed, _ = pack_mask(mask)
-    return packed, x.detach().reshape(-1).index_select(0, index)
+    values = x.detach().reshape(-1).index_select(0, index)
+    return packed, values if value_dtype is None else values.to(value_dtype)
 
 
-def unsparsify(packed: Tensor, values: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
-    """Scatter ``values`` into a zero tensor of ``shape`` where the packed mask is set."""
+def unsparsify(
+    packed: Tensor,
+    values: Tensor,
+    shape: torch.Size | tuple[int, ...],
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Scatter ``values`` (as ``dtype``, None: their own) into zeros of ``shape`` at the mask."""
     mask = unpack_mask(packed, shape)
+    if dtype is not None:
+        values = values.to(dtype)
     return values.new_zeros(tuple(shape)).masked_scatter_(mask, values)
