@@ -2,7 +2,7 @@
 
     python benchmarks/acosp.py [--models deeplabv3_mobilenetv2 deeplabv3_resnet50 pspnet50]
         [--sparsities 0.5 0.75 0.875 0.9375] [--size 512] [--batch 1] [--runs 5 --warmup 2]
-        [--threads N] [--device cpu]
+        [--threads N] [--device cpu] [--coupled-residual]
 
 For each model (21 classes for all of them; DeepLab at output stride 16, PSPNet at its own OS8,
 without the training-only aux head, which eval skips and shrink drops; other options at their
@@ -14,7 +14,9 @@ filters of the masked convs / kept ones), parameters and FLOPs of one eval forwa
 ratios dense / row, the largest output difference shrunk vs masked (at <= 128 px), and the
 median forward latency. Latencies are timed round-robin: ``--warmup`` untimed rounds, then
 ``--runs`` rounds of one forward of every variant of a model, so drift on a shared machine hits
-them alike. Targets at s=0.75 for pspnet50: >= 3.5x fewer parameters, >= 2.5x lower latency.
+them alike. ``--coupled-residual`` adds, per sparsity, a row with ``coupled_residual=True``
+(one score vector per residual group). Targets at s=0.75 for pspnet50 (published, independent
+masks): >= 3.5x fewer parameters, >= 2.5x lower latency.
 """
 
 from __future__ import annotations
@@ -54,15 +56,18 @@ def _out(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.eval()(images)["out"]
 
 
-def _pruned(dense: nn.Module, sparsity: float, check: torch.Tensor) -> tuple[nn.Module, dict]:
+def _pruned(
+    dense: nn.Module, sparsity: float, coupled: bool, check: torch.Tensor
+) -> tuple[nn.Module, dict]:
     """A hardened ACoSP copy of ``dense``, physically shrunk, and its row."""
-    model = acosp.apply(copy.deepcopy(dense), sparsity)
+    model = acosp.apply(copy.deepcopy(dense), sparsity, coupled_residual=coupled)
     acosp.harden(model)
     convs = [conv for _, conv in acosp.masked_convs(model)]
     total = sum(conv.out_channels for conv in convs)
     kept = sum(int(conv.acosp_mask.sum()) for conv in convs)
     row = {
         "sparsity": sparsity,
+        "coupled_residual": coupled,
         "nominal_cr": 1 / (1 - sparsity),
         "filter_cr": total / kept,
         "filters_total": total,
@@ -81,10 +86,12 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> list[d
     check = images[:1, :, :CHECK_SIZE, :CHECK_SIZE]
     models = [dense]
     rows = [{"sparsity": None, "nominal_cr": 1.0, "filter_cr": 1.0}]
+    couplings = [False, True] if args.coupled_residual else [False]
     for sparsity in args.sparsities:
-        model, row = _pruned(dense, sparsity, check)
-        models.append(model)
-        rows.append(row)
+        for coupled in couplings:
+            model, row = _pruned(dense, sparsity, coupled, check)
+            models.append(model)
+            rows.append(row)
     for model, row in zip(models, rows, strict=True):
         row.update(parameter_counts(model))
         row["flops"] = forward_flops(model, images)
@@ -101,7 +108,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> list[d
 def _targets(results: list[dict]) -> dict[str, bool]:
     met = {}
     for row in results:
-        if row["model"] == "pspnet50" and row["sparsity"] == 0.75:
+        if row["model"] == "pspnet50" and row["sparsity"] == 0.75 and not row["coupled_residual"]:
             met["pspnet50_s0.75_params_ge_3.5x"] = row["params_ratio"] >= 3.5
             met["pspnet50_s0.75_latency_ge_2.5x"] = row["speedup"] >= 2.5
     return met
@@ -119,6 +126,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--threads", type=int, help="torch threads (default: the current number)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--coupled-residual", action="store_true", help="add coupled rows")
     args = parser.parse_args()
     device = select_device(args.device)
     with num_threads(args.threads) as threads:

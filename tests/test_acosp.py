@@ -161,3 +161,31 @@ def test_resume_mid_pruning_continues_at_the_same_temperature(synthetic_root, tm
     assert not torch.equal(
         halfway["backbone.conv1.acosp_score"], b["state_dict"]["backbone.conv1.acosp_score"]
     )
+
+
+def test_coupled_scores_are_one_parameter_through_training_and_checkpoints():
+    torch.manual_seed(0)
+    model = build_model("deeplabv3_resnet18", 3, width_mult=0.25)
+    acosp.apply(model, 0.5, min_keep=2, coupled_residual=True)
+    layer2 = model.backbone.layer2
+    writers = [layer2[0].downsample[0], layer2[0].conv2, layer2[1].conv2]
+    assert all(c.acosp_score is writers[0].acosp_score for c in writers)
+    assert layer2[0].conv1.acosp_score is not writers[0].acosp_score  # inside a block: its own
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # the shared score once
+    model.train()(torch.randn(2, 3, 33, 33))["out"].square().mean().backward()
+    optimizer.step()
+    state = model.state_dict()
+    assert all(f"backbone.layer2.{k}.acosp_score" in state for k in ("0.conv2", "1.conv2"))
+    other = build_model("deeplabv3_resnet18", 3, width_mult=0.25)
+    acosp.apply(other, 0.5, min_keep=2, coupled_residual=True)
+    other.load_state_dict(state)
+    assert other.backbone.layer2[1].conv2.acosp_score is other.backbone.layer2[0].conv2.acosp_score
+    assert torch.equal(other.backbone.layer2[1].conv2.acosp_score, writers[0].acosp_score)
+    acosp.harden(model)
+    assert all(torch.equal(c.acosp_mask, writers[0].acosp_mask) for c in writers)
+
+
+def test_coupled_residual_needs_a_traceable_model():
+    model = build_model("deeplabv3_resnet18", 3, width_mult=0.25, norm="gn_ws")
+    with pytest.raises(ConfigError, match="acosp.coupled_residual"):
+        acosp.apply(model, 0.5, coupled_residual=True)

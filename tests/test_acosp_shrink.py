@@ -57,11 +57,13 @@ def _stream_writers(model: nn.Module) -> list[list[nn.Conv2d]]:
 
 
 @torch.no_grad()
-def masked_model(name: str, sparsity: float, seed: int = 0, num_classes: int = 5) -> nn.Module:
+def masked_model(
+    name: str, sparsity: float, seed: int = 0, num_classes: int = 5, coupled: bool = False
+) -> nn.Module:
     """A hard-masked eval model with random masks, BN statistics and affine parameters."""
     torch.manual_seed(seed)
     model = build_model(name, num_classes, **MODELS[name])
-    acosp.apply(model, sparsity)
+    acosp.apply(model, sparsity, coupled_residual=coupled)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.weight.uniform_(0.5, 1.5)
@@ -132,6 +134,24 @@ def test_residual_channels_pruned_by_every_writer_are_removed(name):
             assert shrunk[names[conv]].out_channels <= conv.out_channels - len(FORCED)
     x = _input(name)
     assert (logits(small, x) - logits(model, x)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "name", ["deeplabv3_resnet50", "deeplabv3_mobilenetv2", "pspnet50", "segnet"]
+)
+def test_coupled_residual_masks_agree_and_the_model_shrinks_further(name):
+    independent = acosp.shrink(masked_model(name, 0.75))
+    model = masked_model(name, 0.75, coupled=True)
+    small = acosp.shrink(model)
+    x = _input(name)
+    assert (logits(small, x) - logits(model, x)).abs().max().item() <= 1e-4
+    assert params(small) < params(independent)
+    names = {m: n for n, m in model.named_modules()}
+    shrunk = dict(small.named_modules())
+    for stream in _stream_writers(model):  # one mask per residual stream: it narrows to k
+        for conv in stream:
+            assert torch.equal(conv.acosp_mask, stream[0].acosp_mask), names[conv]
+            assert shrunk[names[conv]].out_channels == conv.acosp_k, names[conv]
 
 
 def test_folded_conv_is_exact_at_borders_where_a_bias_is_not():
@@ -218,7 +238,8 @@ def test_group_norm_models_are_refused():
 # ------------------------------------------------------------------------ CLI
 @pytest.fixture(scope="module")
 def pruned_run(tmp_path_factory) -> Path:
-    """A 2-iteration ACoSP run (DeepLabV3+ ResNet-18 at quarter width) on synthetic data."""
+    """A 2-iteration ACoSP run (DeepLabV3+ ResNet-18 at quarter width, coupled residual
+    scores) on synthetic data."""
     base = tmp_path_factory.mktemp("acosp_run")
     ensure_synthetic(base / "cache", num_train=8, num_val=4)
     overrides = [
@@ -226,6 +247,7 @@ def pruned_run(tmp_path_factory) -> Path:
         "model.options.channels=16",
         "model.options.width_mult=0.25",
         "acosp.sparsity=0.5",
+        "acosp.coupled_residual=true",
         "data.crop_size=64",
         "data.batch_size=2",
         "data.synthetic_train=8",
@@ -255,6 +277,12 @@ def test_cli_shrink_end_to_end(pruned_run, tmp_path, capsys):
     assert not any("acosp" in key for key in payload["state_dict"])
     source = torch.load(pruned_run / "last.pt", weights_only=True)
     masked = model_from_checkpoint(source, "last.pt").eval()
+    layer1 = masked.backbone.layer1  # coupled: the stream's writers share one trained score
+    assert layer1[1].conv2.acosp_score is masked.backbone.conv1.acosp_score
+    saved = source["state_dict"]
+    assert torch.equal(
+        saved["backbone.layer1.1.conv2.acosp_score"], saved["backbone.conv1.acosp_score"]
+    )
     shrunk = model_from_checkpoint(payload, str(small)).eval()
     x = torch.randn(1, 3, 65, 67)
     assert (logits(shrunk, x) - logits(masked, x)).abs().max().item() <= 1e-4

@@ -138,6 +138,7 @@ class AcospConfig:
     tau0: float = 1.0
     tau_final: float = 1e-3
     min_keep: int = 8  # channels kept at least per conv
+    coupled_residual: bool = False  # one score vector per residual group (not the published)
 
 
 @dataclass

@@ -92,6 +92,7 @@ def model_from_checkpoint(payload: dict[str, Any], source: str) -> nn.Module:
     if payload.get("shrink") is not None:  # physically pruned: the recorded layer shapes
         acosp.rebuild(model, payload["shrink"])
     elif masks.get("sparsity") is not None:  # a model trained with ACoSP masks keeps them
-        acosp.apply(model, masks["sparsity"], masks.get("min_keep", 8))
+        coupled = masks.get("coupled_residual", False)
+        acosp.apply(model, masks["sparsity"], masks.get("min_keep", 8), coupled)
     load_model_state(model, payload["state_dict"], source)
     return model

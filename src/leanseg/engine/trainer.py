@@ -126,7 +126,7 @@ class Trainer:
             if self.dist.is_main:
                 tqdm.write(f"pretrained weights: {report.summary()}")
         if cfg.acosp.sparsity is not None:  # before the optimizer: the scores are parameters
-            acosp.apply(model, cfg.acosp.sparsity, cfg.acosp.min_keep)
+            acosp.apply(model, cfg.acosp.sparsity, cfg.acosp.min_keep, cfg.acosp.coupled_residual)
         self.mask_schedule = acosp_schedule(cfg, len(self.train_set), self.dist.world_size)
         if cfg.backrazor.ratio is not None:
             backrazor.apply_config(model, cfg.backrazor)

@@ -8,6 +8,7 @@ and :func:`harden` fixes them to the top-k scores. Spec: shared/methods/acosp.md
 from leanseg.methods.acosp.masks import (
     apply,
     channel_mask,
+    couple_scores,
     harden,
     is_hard,
     masked_convs,
@@ -25,6 +26,7 @@ __all__ = [
     "ShrinkReport",
     "apply",
     "channel_mask",
+    "couple_scores",
     "hard_mask",
     "harden",
     "is_hard",

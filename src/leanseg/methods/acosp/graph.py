@@ -80,6 +80,7 @@ class ChannelPlan:
     layers: list[LayerUse]
     removable: np.ndarray  # bool per channel id
     used_modules: set[str] = field(default_factory=set)
+    roots: np.ndarray | None = None  # int64 per channel id: its class (union-find root)
 
     def removed(self, channels: Channels) -> np.ndarray:
         return self.removable[channels.ids]
@@ -143,7 +144,7 @@ class _Analysis:
             bad[roots[ids]] = True
         for ch in self.all:
             bad[roots[ch.ids[ch.kind == LIVE]]] = True
-        return ChannelPlan(self.layers, ~bad[roots], used)
+        return ChannelPlan(self.layers, ~bad[roots], used, roots)
 
 
 def _const(x: Channels) -> np.ndarray:

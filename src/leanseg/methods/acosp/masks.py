@@ -61,11 +61,15 @@ def masked_convs(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
             yield name, module
 
 
-def apply(model: nn.Module, sparsity: float, min_keep: int = 8) -> nn.Module:
+def apply(
+    model: nn.Module, sparsity: float, min_keep: int = 8, coupled_residual: bool = False
+) -> nn.Module:
     """Give every prunable conv of ``model`` a soft top-k output-channel mask; returns ``model``.
 
     Each conv keeps ``k = max(ceil((1 - sparsity) * C), min_keep)`` channels (clamped to C).
-    Call before building the optimizer: the scores are new parameters.
+    ``coupled_residual`` shares one score vector among the convs whose outputs meet channel by
+    channel (see :func:`couple_scores`; a deviation from the published method, acosp.md
+    pitfall 4). Call before building the optimizer: the scores are new parameters.
     """
     if (
         isinstance(sparsity, bool)
@@ -92,7 +96,39 @@ def apply(model: nn.Module, sparsity: float, min_keep: int = 8) -> nn.Module:
         conv.register_buffer("acosp_hard", torch.tensor(False, device=device))
         conv.register_buffer("acosp_mask", torch.ones(channels, device=device))
         conv.register_forward_hook(ChannelMaskHook())
+    if coupled_residual:
+        couple_scores(model)
     return model
+
+
+def couple_scores(model: nn.Module) -> int:
+    """Make masked convs whose output channels are tied one to one share one score vector.
+
+    Residual additions (and depthwise convs, and SegNet's unpooling with its encoder's indices)
+    tie the channels of several convs' outputs; with independent masks a channel can only be
+    removed where all of them prune it, so residual streams barely shrink. Convs whose outputs
+    fall in the same channel classes of the shrink analysis, in the same order, get the first
+    one's ``acosp_score`` parameter, so their masks always agree. Returns the number of convs
+    that now share another conv's scores.
+    """
+    from leanseg.methods.acosp.graph import analyse  # the fx analysis is only needed here
+
+    try:
+        plan = analyse(model)
+    except ConfigError as err:
+        raise ConfigError(f"acosp.coupled_residual: cannot trace the model ({err})") from err
+    assert plan.roots is not None
+    owner: dict[tuple[int, ...], nn.Module] = {}
+    shared = 0
+    for use in plan.layers:
+        conv = use.module
+        if not (isinstance(conv, nn.Conv2d) and hasattr(conv, "acosp_score")):
+            continue
+        first = owner.setdefault(tuple(plan.roots[use.out.ids].tolist()), conv)
+        if first is not conv and conv.acosp_score is not first.acosp_score:
+            conv.acosp_score = first.acosp_score  # registers the same Parameter
+            shared += 1
+    return shared
 
 
 def set_temperature(model: nn.Module, tau: float) -> None:
