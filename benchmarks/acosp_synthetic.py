@@ -2,14 +2,16 @@
 
     python benchmarks/acosp_synthetic.py [--work-dir runs/acosp_synthetic] [--iterations 800]
         [--harden-at 0.4] [--sparsities 0.5 0.75 0.875 0.9375] [--plot acosp_synthetic.png]
+        [--coupled-residual]
 
 Trains the default recipe (deeplabv3plus_resnet18, width 0.5, synthetic data) once without
 masks and once per sparsity with ACoSP (soft masks annealed from the start, hard from
-``--harden-at`` of the run on), all with the same iterations, optimizer and seed. Each run's
-final val mIoU is measured on the hard-masked model; when ``acosp.shrink`` is available the
-run's model is also shrunk physically and its parameters counted. A finished run is reused
-(``synthetic_runs.train_run``). Prints JSON and writes a PNG of mIoU against the
-compression ratio (needs matplotlib: ``pip install -e ".[bench]"``).
+``--harden-at`` of the run on), all with the same iterations, optimizer and seed; with
+``--coupled-residual`` also once per sparsity with ``acosp.coupled_residual=true`` ("ACoSP-4c").
+Each run's final val mIoU is measured on the hard-masked model, which is then shrunk
+physically and its parameters counted. A finished run is reused (``synthetic_runs.train_run``).
+Prints JSON and writes a PNG of mIoU against the compression ratio (needs matplotlib:
+``pip install -e ".[bench]"``).
 """
 
 from __future__ import annotations
@@ -35,9 +37,8 @@ def train(name: str, overrides: list[str], work: Path) -> dict:
     figures = train_run(overrides, run_dir)
     model = model_from_checkpoint(load_checkpoint(run_dir / "last.pt"), str(run_dir))
     figures["parameters"] = _parameters(model)
-    shrink = getattr(acosp, "shrink", None)
-    if shrink is not None and any(True for _ in acosp.masked_convs(model)):
-        figures["shrunk_parameters"] = _parameters(shrink(model))
+    if any(True for _ in acosp.masked_convs(model)):
+        figures["shrunk_parameters"] = _parameters(acosp.shrink(model))
     return figures
 
 
@@ -48,9 +49,16 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ratios = [row["nominal_cr"] for row in rows]
+    ratios = sorted({row["nominal_cr"] for row in rows})
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    ax.plot(ratios, [100 * row["miou"] for row in rows], "o-")
+    dense = [row for row in rows if row["sparsity"] == 0]
+    for coupled, label in ((False, "independent masks"), (True, "coupled residual")):
+        series = dense + [r for r in rows if r["sparsity"] and r["coupled_residual"] == coupled]
+        if len(series) > len(dense):
+            x = [row["nominal_cr"] for row in series]
+            ax.plot(x, [100 * row["miou"] for row in series], "o-", label=label)
+    if any(row["coupled_residual"] for row in rows):
+        ax.legend(fontsize=7)
     for row in rows:
         ax.annotate(
             row["name"],
@@ -76,17 +84,22 @@ def main() -> None:
     parser.add_argument("--harden-at", type=float, default=0.4)
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.75, 0.875, 0.9375])
     parser.add_argument("--plot", default="acosp_synthetic.png")
+    parser.add_argument("--coupled-residual", action="store_true", help="add coupled runs")
     args = parser.parse_args()
     work = Path(args.work_dir)
     budget = [f"train.iterations={args.iterations}", f"train.val_interval={args.iterations}"]
     harden = round(args.harden_at * args.iterations)
-    runs = {"dense": (0.0, budget)}
+    runs = {"dense": (0.0, False, budget)}
     for s in args.sparsities:
         name = f"ACoSP-{1 / (1 - s):g}"
-        runs[name] = (s, [*budget, f"acosp.sparsity={s}", f"acosp.end={harden}"])
+        masks = [*budget, f"acosp.sparsity={s}", f"acosp.end={harden}"]
+        runs[name] = (s, False, masks)
+        if args.coupled_residual:
+            runs[f"{name}c"] = (s, True, [*masks, "acosp.coupled_residual=true"])
     rows = []
-    for name, (sparsity, overrides) in runs.items():
+    for name, (sparsity, coupled, overrides) in runs.items():
         row = {"name": name, "sparsity": sparsity, "nominal_cr": 1 / (1 - sparsity)}
+        row["coupled_residual"] = coupled
         rows.append({**row, **train(name, overrides, work)})
     dense = rows[0]["parameters"]
     for row in rows:
