@@ -83,3 +83,23 @@ def test_sync_batchnorm_converts_every_batchnorm_but_backrazor_frozen_ones():
             assert type(module) is frozen_type, name
         elif name in bns:
             assert type(module) is torch.nn.SyncBatchNorm, name
+
+
+def test_two_process_training_with_coupled_acosp_scores_and_frozen_backrazor_bn(tmp_path):
+    """DDP with a Parameter shared by several convs and BN parameters that need no grad."""
+    work, cache = tmp_path / "runs", tmp_path / "cache"
+    methods = [
+        "acosp.sparsity=0.5",
+        "acosp.coupled_residual=true",
+        "acosp.end=2",
+        "backrazor.ratio=0.9",
+        "backrazor.bn=frozen",
+    ]
+    args = [*TINY, f"data.root={cache}", f"train.work_dir={work}", *methods]
+    result = torchrun("train", *args, "train.iterations=3", "train.val_interval=3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(only_run(work) / "last.pt", weights_only=True)["state_dict"]
+    stream = ["backbone.conv1", "backbone.layer1.0.conv2", "backbone.layer1.1.conv2"]
+    scores = [state[f"{name}.acosp_score"] for name in stream]
+    assert all(torch.equal(s, scores[0]) for s in scores)
+    assert all(bool(state[f"{name}.acosp_hard"]) for name in stream)
