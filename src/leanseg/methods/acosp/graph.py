@@ -79,8 +79,8 @@ class ChannelPlan:
 
     layers: list[LayerUse]
     removable: np.ndarray  # bool per channel id
+    roots: np.ndarray  # int64 per channel id: its class (union-find root)
     used_modules: set[str] = field(default_factory=set)
-    roots: np.ndarray | None = None  # int64 per channel id: its class (union-find root)
 
     def removed(self, channels: Channels) -> np.ndarray:
         return self.removable[channels.ids]
@@ -144,7 +144,7 @@ class _Analysis:
             bad[roots[ids]] = True
         for ch in self.all:
             bad[roots[ch.ids[ch.kind == LIVE]]] = True
-        return ChannelPlan(self.layers, ~bad[roots], used, roots)
+        return ChannelPlan(self.layers, removable=~bad[roots], roots=roots, used_modules=used)
 
 
 def _const(x: Channels) -> np.ndarray:

@@ -117,7 +117,6 @@ def couple_scores(model: nn.Module) -> int:
         plan = analyse(model)
     except ConfigError as err:
         raise ConfigError(f"acosp.coupled_residual: cannot trace the model ({err})") from err
-    assert plan.roots is not None
     owner: dict[tuple[int, ...], nn.Module] = {}
     shared = 0
     for use in plan.layers:
