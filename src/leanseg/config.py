@@ -8,9 +8,12 @@ the YAML file and the overrides, then validates every value. Any problem raises 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, get_args, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -46,6 +49,9 @@ class DataConfig:
     list_file: str | None = None  # pair list per split, e.g. "list/{split}.txt" (semseg/chenxi)
     palette_file: str | None = None  # folder: one "R G B [name]" line per class (colour masks)
     class_names: list[str] | None = None  # None: the dataset's own names
+    # folder without split subfolders: this fraction of its images (picked by a fixed hash of
+    # the file names) is the val split, the rest train; None: a flat folder needs data.list_file
+    val_fraction: float | None = None
 
 
 @dataclass
@@ -97,6 +103,7 @@ class TrainConfig:
     name: str | None = None
     tensorboard: bool = True
     sample_images: int = 4
+    on_nonfinite: str = "stop"  # NaN / inf loss: stop (one-line error) | skip (drop the batch)
 
 
 @dataclass
@@ -171,34 +178,103 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optim.schedule": ("poly", "cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp_dtype": ("auto", "bf16", "fp16"),
+    "train.on_nonfinite": ("stop", "skip"),
     "eval.mode": ("whole", "slide"),
     "backrazor.scope": ("backbone", "head", "all"),
     "backrazor.value_dtype": (None, "float16", "bfloat16"),
     "backrazor.bn": ("sparse", "dense", "frozen"),
     "acosp.unit": ("iteration", "epoch"),
 }
-POSITIVE = (
-    "data.crop_size",
-    "data.val_batch_size",
-    "data.synthetic_train",
-    "data.synthetic_val",
-    "model.crf_iters",
-    "model.crf_gamma",
-    "optim.lr",
-    "train.iterations",
-    "train.val_interval",
-    "train.log_interval",
-    "acosp.tau0",
-    "acosp.tau_final",
-    "acosp.min_keep",
-)
-NON_NEGATIVE = (
-    "data.workers",
-    "data.rotate",
-    "optim.weight_decay",
-    "optim.warmup_iters",
-    "acosp.start",
-)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric key: ``low``/``high`` bounds, None for unbounded.
+
+    ``low_open``/``high_open`` exclude the bound itself; ``note`` says why, or what null means.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        if self.high is not None:
+            return value < self.high if self.high_open else value <= self.high
+        return True
+
+    def describe(self) -> str:
+        """E.g. ``> 0``, ``>= 2`` or ``in [0, 1)``."""
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{self.low}, {self.high}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high}"
+        return "any number"
+
+    def with_note(self, note: str) -> Range:
+        """The same range with a note (appended to the error message)."""
+        return dataclasses.replace(self, note=note)
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+SEED = Range(0, 2**32 - 1)
+
+# The rule of every numeric key of the schema (ints, floats, their Optional forms, lists of
+# floats: each element), except those listed in CHOICES. None is accepted only where the type
+# is Optional; 0 or a negative value is never a silent "default". Cross-key rules are in
+# validate(). tests/test_config_validation.py fails when a numeric field has no rule here.
+RANGES: dict[str, Range] = {
+    "data.num_classes": POSITIVE.with_note("null: the dataset's own class count"),
+    "data.ignore_index": Range(0, 255, note="masks are 8-bit"),
+    "data.crop_size": POSITIVE,
+    "data.crop_width": POSITIVE.with_note("null: data.crop_size"),
+    "data.scale_min": POSITIVE,
+    "data.scale_max": POSITIVE,
+    "data.rotate": Range(0, 180, note="degrees"),
+    "data.crop_val": POSITIVE.with_note("null: whole images"),
+    "data.batch_size": Range(2, note="BatchNorm needs 2 samples"),
+    "data.val_batch_size": POSITIVE,
+    "data.workers": NON_NEGATIVE,
+    "data.synthetic_seed": SEED,
+    "data.synthetic_train": POSITIVE,
+    "data.synthetic_val": POSITIVE,
+    "data.val_fraction": Range(0, 1, low_open=True, high_open=True),
+    "model.aux_weight": NON_NEGATIVE,
+    "model.crf_iters": POSITIVE,
+    "model.crf_gamma": POSITIVE,
+    "optim.lr": POSITIVE,
+    "optim.backbone_lr_mult": NON_NEGATIVE.with_note("0 freezes the backbone"),
+    "optim.momentum": FRACTION,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.power": POSITIVE,
+    "optim.warmup_iters": NON_NEGATIVE,
+    "optim.min_lr": NON_NEGATIVE,
+    "train.iterations": POSITIVE,
+    "train.val_interval": POSITIVE,
+    "train.log_interval": POSITIVE,
+    "train.seed": SEED,
+    "train.sample_images": NON_NEGATIVE,
+    "eval.crop_size": POSITIVE.with_note("null only with eval.mode=whole"),
+    "eval.stride": POSITIVE.with_note("null: 2/3 of eval.crop_size"),
+    "eval.scales": POSITIVE,
+    "eval.base_size": POSITIVE.with_note("null: scale the image's own size"),
+    "backrazor.ratio": FRACTION.with_note("null: BackRazor off"),
+    "acosp.sparsity": FRACTION.with_note("null: ACoSP off"),
+    "acosp.start": NON_NEGATIVE,
+    "acosp.end": NON_NEGATIVE.with_note("null: the end of training"),
+    "acosp.tau0": POSITIVE,
+    "acosp.tau_final": POSITIVE,
+    "acosp.min_keep": POSITIVE,
+}
 
 
 def load_config(
@@ -250,11 +326,37 @@ def _read_yaml(path: Path) -> DictConfig:
 
 
 def _parse_override(item: str) -> DictConfig:
+    """``key.sub=value`` with a YAML value; a text key keeps the text of a number or date."""
     key, sep, raw = item.partition("=")
+    key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-    value = yaml.safe_load(raw) if raw else None
-    return _nested(key.strip(), value)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as err:
+        problem = " ".join(str(getattr(err, "problem", None) or "a syntax error").split())
+        quoted = raw.replace("'", "''")
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({problem}); quote a text value, "
+            f"e.g. {key}=\"'{quoted}'\", or fix the list / mapping brackets"
+        ) from None
+    scalar = value is not None and not isinstance(value, (str, list, dict))
+    if scalar and (_is_text_field(key) or isinstance(value, datetime.date)):
+        value = raw.strip()  # train.name=2024 or =0x10 or a date: the text as written
+    return _nested(key, value)
+
+
+def _is_text_field(dotted: str) -> bool:
+    """Whether the schema declares ``dotted`` as ``str`` or ``str | None``."""
+    parent, _, name = dotted.rpartition(".")
+    try:
+        section = _section(parent)
+    except (KeyError, TypeError):
+        return False
+    if not dataclasses.is_dataclass(section):
+        return False
+    hint = get_type_hints(section).get(name)
+    return hint is str or (isinstance(hint, UnionType) and set(get_args(hint)) == {str, NoneType})
 
 
 def _nested(dotted: str, value: Any) -> DictConfig:
@@ -335,41 +437,140 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"config key '{key}': {get_key(cfg, key)!r} is not one of {list(choices)}"
             )
-    for key in POSITIVE:
-        if get_key(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}': must be > 0, got {get_key(cfg, key)}")
-    for key in NON_NEGATIVE:
-        if get_key(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}': must be >= 0, got {get_key(cfg, key)}")
-    if cfg.data.batch_size < 2:
-        raise ConfigError(
-            f"config key 'data.batch_size': must be >= 2 (BatchNorm needs 2 samples), "
-            f"got {cfg.data.batch_size}"
-        )
-    _check_crf(cfg.model)
+    _check_finite(cfg)
+    for key, rule in RANGES.items():
+        _check_range(key, get_key(cfg, key), rule)
     if cfg.data.scale_min > cfg.data.scale_max:
         raise ConfigError("config key 'data.scale_min': must be <= data.scale_max")
+    fraction = cfg.data.val_fraction
+    if fraction is not None and not 0 < fraction < 1:
+        raise ConfigError(
+            f"config key 'data.val_fraction': must be in (0, 1) or null, got {fraction}"
+        )
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(
+            f"config key 'optim.min_lr': must be <= optim.lr ({cfg.optim.lr}), "
+            f"got {cfg.optim.min_lr}"
+        )
     if cfg.eval.mode == "slide" and not cfg.eval.crop_size:
         raise ConfigError("config key 'eval.crop_size': required when eval.mode=slide")
-    if not cfg.eval.scales or min(cfg.eval.scales) <= 0:
+    if cfg.eval.crop_size is not None and (cfg.eval.stride or 0) > cfg.eval.crop_size:
+        raise ConfigError(
+            f"config key 'eval.stride': must be <= eval.crop_size ({cfg.eval.crop_size}) so "
+            f"that windows cover the image, got {cfg.eval.stride}"
+        )
+    if not cfg.eval.scales:
         raise ConfigError("config key 'eval.scales': must be a non-empty list of positive numbers")
-    sparsity = cfg.acosp.sparsity
-    if sparsity is not None and not 0 <= sparsity < 1:
-        raise ConfigError(f"config key 'acosp.sparsity': must be in [0, 1), got {sparsity}")
     if cfg.acosp.end is not None and cfg.acosp.end < cfg.acosp.start:
         raise ConfigError(
             f"config key 'acosp.end': must be >= acosp.start ({cfg.acosp.start}), "
             f"got {cfg.acosp.end}"
         )
+    _check_dataset(cfg.data)
+    _check_model(cfg.model)
+
+
+def _check_range(key: str, value: Any, rule: Range) -> None:
+    """``value`` (each element of a list) lies in ``rule``; None only for an Optional key."""
+    if value is None:
+        return  # the schema's types already refuse None for a non-Optional key
+    values = value if isinstance(value, list) else [value]
+    for index, item in enumerate(values):
+        if item not in rule:
+            where = f"{key}[{index}]" if isinstance(value, list) else key
+            null = " or null" if _is_optional(key) else ""
+            note = f" ({rule.note})" if rule.note else ""
+            raise ConfigError(
+                f"config key '{where}': must be {rule.describe()}{null}{note}, got {item!r}"
+            )
+
+
+def _is_optional(dotted: str) -> bool:
+    """Whether the schema type of ``dotted`` accepts None."""
+    parent, _, name = dotted.rpartition(".")
+    hint = get_type_hints(_section(parent))[name]
+    return isinstance(hint, UnionType) and NoneType in get_args(hint)
+
+
+def _check_finite(cfg: Config) -> None:
+    """Every float of the config (lists and ``model.options`` too) is finite: no nan / inf."""
+
+    def walk(key: str, value: Any) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(f"{key}.{f.name}" if key else f.name, getattr(value, f.name))
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                walk(f"{key}.{name}", item)
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(f"{key}[{index}]", item)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': must be a finite number, got {value}")
+
+    walk("", cfg)
+
+
+def _check_dataset(cfg: DataConfig) -> None:
+    """What ``data.dataset`` implies about the other data keys, without reading any file."""
+    from leanseg.data.build import DATASETS  # lazy: leanseg.data imports this module
+    from leanseg.data.camvid import CAMVID_VOID
+
+    if cfg.dataset == "camvid" and cfg.ignore_index != CAMVID_VOID:
+        raise ConfigError(
+            f"config key 'data.ignore_index': CamVid marks void with {CAMVID_VOID}; set "
+            f"data.ignore_index={CAMVID_VOID} (got {cfg.ignore_index})"
+        )
+    if cfg.dataset == "folder" and not cfg.num_classes and not cfg.palette_file:
+        raise ConfigError(
+            "config key 'data.num_classes': required for dataset folder (or set "
+            "data.palette_file, one 'R G B name' line per class)"
+        )
+    if cfg.list_file is not None and "{split}" not in cfg.list_file:
+        raise ConfigError(
+            f"config key 'data.list_file': {cfg.list_file!r} must contain '{{split}}' "
+            "(e.g. list/{split}.txt), so that train and val read different lists"
+        )
+    classes = cfg.num_classes or DATASETS[cfg.dataset].num_classes
+    if classes is None:
+        return  # folder + palette file: the class count is in the file
+    if cfg.ignore_index < classes:
+        raise ConfigError(
+            f"config key 'data.ignore_index': must be >= {classes}, the class count of "
+            f"dataset {cfg.dataset} (0..{classes - 1} are class ids), got {cfg.ignore_index}"
+        )
+    if cfg.class_names is not None and len(cfg.class_names) != classes:
+        raise ConfigError(
+            f"config key 'data.class_names': {len(cfg.class_names)} names for {classes} "
+            "classes; give one name per class (or set data.num_classes)"
+        )
+
+
+def _check_model(cfg: ModelConfig) -> None:
+    """``model.name`` is registered and ``model.options`` are options of that model."""
+    from leanseg.models import list_models, model_options  # lazy: the models need torch
+
+    if cfg.name not in list_models():
+        raise ConfigError(
+            f"config key 'model.name': unknown model {cfg.name!r}; choose one of {list_models()}"
+        )
+    accepted = model_options(cfg.name)
+    unknown = sorted(set(cfg.options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"config key 'model.options.{unknown[0]}': not an option of model {cfg.name!r}; "
+            f"accepted options: {sorted(accepted)}"
+        )
+    _check_crf(cfg)
 
 
 def _check_crf(cfg: ModelConfig) -> None:
-    """``model.crf`` needs a model whose builder accepts ``crf`` (unknown names fail later)."""
+    """``model.crf`` needs a model whose builder accepts ``crf`` (``model.name`` is known)."""
     if cfg.crf is None:
         return
     from leanseg.models import list_models, model_options  # lazy: the models need torch
 
-    if cfg.name in list_models() and "crf" not in model_options(cfg.name):
+    if "crf" not in model_options(cfg.name):
         supported = [name for name in list_models() if "crf" in model_options(name)]
         raise ConfigError(
             f"config key 'model.crf': model {cfg.name!r} has no CRF head; use one of "
