@@ -1,0 +1,84 @@
+"""A frozen teacher for knowledge distillation, rebuilt from a leanseg checkpoint."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanseg.data.cifar10 import CIFAR_MEAN, CIFAR_STD
+from leanseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from leanseg.errors import CheckpointError
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def recorded_normalization(payload: dict[str, Any]) -> Stats:
+    """The ``(mean, std)`` a checkpoint's model was trained on, in [0, 1] RGB units.
+
+    The config has no normalisation keys: the data pipeline fixes it by ``data.dataset``
+    (``cifar10``: CIFAR-10 statistics, every other dataset: ImageNet's). ``data.mean`` /
+    ``data.std`` are read first should a config record them; a checkpoint without a config
+    (not written by the trainer) is taken to use the ImageNet default.
+    """
+    data = payload.get("config", {}).get("data", {})
+    if data.get("mean") is not None and data.get("std") is not None:
+        return tuple(map(float, data["mean"])), tuple(map(float, data["std"]))
+    if data.get("dataset") == "cifar10":
+        return CIFAR_MEAN, CIFAR_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _same(a: Sequence[float], b: Sequence[float]) -> bool:
+    a, b = [float(v) for v in a], [float(v) for v in b]
+    return len(a) == len(b) and all(
+        math.isclose(x, y, abs_tol=1e-6) for x, y in zip(a, b, strict=False)
+    )
+
+
+def load_teacher(
+    path: str | Path,
+    *,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: str | torch.device,
+) -> nn.Module:
+    """The checkpoint's model on ``device``, in eval mode, every parameter frozen.
+
+    ``num_classes``, ``mean`` and ``std`` are the student's; a teacher trained on another class
+    count or another input normalisation (see :func:`recorded_normalization`) is a
+    CheckpointError. Read with ``weights_only=True`` (never unpickles code).
+    """
+    payload = load_checkpoint(path)
+    if int(payload["num_classes"]) != num_classes:
+        raise CheckpointError(
+            f"teacher checkpoint '{path}' predicts {payload['num_classes']} classes but the "
+            f"student {num_classes}: use a teacher trained on the student's dataset and classes"
+        )
+    t_mean, t_std = recorded_normalization(payload)
+    if not (_same(t_mean, mean) and _same(t_std, std)):
+        raise CheckpointError(
+            f"teacher checkpoint '{path}' was trained on inputs normalised with mean {t_mean} "
+            f"std {t_std}, the student's are mean {tuple(mean)} std {tuple(std)}: use a teacher "
+            "trained with the student's data normalisation (same data.dataset)"
+        )
+    model = model_from_checkpoint(payload, str(path)).to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def teacher_logits(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The teacher's ``"out"`` logits for ``images``, without gradient and in eval mode.
+
+    ``eval()`` is set again on every call, since ``train()`` on a parent module flips it back.
+    """
+    teacher.eval()
+    with torch.no_grad():
+        return teacher(images)["out"]
