@@ -79,11 +79,11 @@ def test_fatal_and_unlabelled(make_voc, tmp_path):
 
 
 def test_folder_colours_and_cifar(tmp_path):
-    (tmp_path / "images").mkdir()
-    (tmp_path / "masks").mkdir()
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    (tmp_path / "masks" / "train").mkdir(parents=True)
     (tmp_path / "palette.txt").write_text("0 0 0 bg\n255 0 0 fg\n")
-    Image.new("RGB", (4, 3)).save(tmp_path / "images" / "a.png")
-    Image.new("RGB", (4, 3), (9, 9, 9)).save(tmp_path / "masks" / "a.png")
+    Image.new("RGB", (4, 3)).save(tmp_path / "images" / "train" / "a.png")
+    Image.new("RGB", (4, 3), (9, 9, 9)).save(tmp_path / "masks" / "train" / "a.png")
     cfg = DataConfig(
         dataset="folder", root=str(tmp_path), palette_file=str(tmp_path / "palette.txt")
     )

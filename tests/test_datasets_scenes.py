@@ -129,13 +129,42 @@ def test_folder_index_and_colour_masks(tmp_path):
         read_palette_file(palette_file)
 
 
-def test_flat_folder_serves_every_split(tmp_path):
+def test_flat_folder_needs_an_explicit_split(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
-    write_image(tmp_path / "images/x.png", _rgb(5, 6))
-    write_label_png(tmp_path / "masks/x.png", np.ones((5, 6), np.uint8))
-    ds = FolderSegmentation(tmp_path, "val", num_classes=2, class_names=["bg", "fg"])
-    assert len(ds) == 1 and ds[0][1].sum() == 30 and ds.class_names == ["bg", "fg"]
+    names = [f"img{i:02d}" for i in range(20)]
+    for name in names:
+        write_image(tmp_path / f"images/{name}.png", _rgb(5, 6))
+        write_label_png(tmp_path / f"masks/{name}.png", np.ones((5, 6), np.uint8))
+    # without a split rule train would be val: refused, naming the folder and both fixes
+    with pytest.raises(DataError, match=r"flat folder.*data\.val_fraction.*data\.list_file"):
+        FolderSegmentation(tmp_path, "val", num_classes=2)
+    cfg = DataConfig(dataset="folder", root=str(tmp_path), num_classes=2, val_fraction=0.25)
+    train = build_dataset(cfg, "train", train=False)
+    val = build_dataset(cfg, "val", train=False)
+    train_names = {p[0].stem for p in train.pairs}
+    val_names = {p[0].stem for p in val.pairs}
+    assert len(val_names) == 5 and not train_names & val_names
+    assert train_names | val_names == set(names)
+    again = build_dataset(cfg, "val", train=False)  # deterministic
+    assert [p[0] for p in again.pairs] == [p[0] for p in val.pairs]
+    assert val[0][1].sum() == 30
+    with pytest.raises(DataError, match=r"only the splits 'train' and 'val', not 'test'"):
+        build_dataset(cfg, "test", train=False)
+    # split lists work on a flat folder, too
+    (tmp_path / "list").mkdir()
+    for split, chosen in (("train", names[:15]), ("val", names[15:])):
+        lines = [f"images/{n}.png masks/{n}.png" for n in chosen]
+        (tmp_path / f"list/{split}.txt").write_text("\n".join(lines) + "\n")
+    listed = DataConfig(
+        dataset="folder", root=str(tmp_path), num_classes=2, list_file="list/{split}.txt"
+    )
+    assert len(build_dataset(listed, "val", train=False)) == 5
+    with pytest.raises(ConfigError, match=r"data\.val_fraction': must be in \(0, 1\)"):
+        load_config(None, ["data.val_fraction=1.0"])
+    with pytest.raises(DataError, match=r"split folders .* remove data\.val_fraction"):
+        (tmp_path / "images/train").mkdir()
+        FolderSegmentation(tmp_path, "train", num_classes=2, val_fraction=0.2)
 
 
 def test_every_config_choice_has_a_builder():

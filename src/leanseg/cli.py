@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from leanseg.errors import LeansegError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     except LeansegError as err:
         print(f"leanseg: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as err:  # disk full, permissions, a file where a directory should be
+        where = f"'{err.filename}': " if err.filename else ""
+        reason = err.strerror or one_line(err)
+        print(f"leanseg: error: {where}{reason}; free space or fix the path", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("leanseg: interrupted (a resumable last.pt was written)", file=sys.stderr)
-        return 130
+        print("leanseg: interrupted; nothing was written by this command", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def one_line(err: BaseException) -> str:
@@ -149,41 +154,44 @@ def _progress_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from leanseg.config import load_config, to_yaml
-    from leanseg.engine.distributed import broadcast, cleanup, init_distributed
-    from leanseg.engine.trainer import Trainer, model_summary
+    from leanseg.config import load_config
+    from leanseg.engine.distributed import cleanup, init_distributed
+    from leanseg.engine.run_dir import write_text_atomic
+    from leanseg.engine.train_run import resume_paths, start_training
+    from leanseg.engine.trainer import Interrupted
 
-    if args.resume:
-        run_dir, checkpoint = _resume_paths(Path(args.resume))
+    resume = Path(args.resume) if args.resume else None
+    if resume is not None:
+        run_dir, _ = resume_paths(resume)
+        if args.config:
+            print("leanseg: note: -c is ignored with --resume (the run's config.yaml is used)")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
-        run_dir, checkpoint = None, None
     if args.dry_run:
         return _dry_run(cfg)
     info = init_distributed(cfg.train.device)
-    say = print if info.is_main else _silent
+    say = _say if info.is_main else _silent
     try:
-        if run_dir is None:
-            run_dir = broadcast(_new_run_dir(cfg) if info.is_main else None, info)
-        if info.is_main:
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        say(f"run directory: {run_dir}", flush=True)
-        trainer = Trainer(cfg, run_dir, progress=args.progress)
-        say(model_summary(trainer.model), flush=True)
-        if checkpoint is not None:
-            trainer.resume(checkpoint)
-            say(f"resumed at iteration {trainer.iteration} from {checkpoint}", flush=True)
-        metrics = trainer.fit(stop_at=args.stop_at)
-        if metrics is not None and info.is_main:
-            print(metrics.format_table(trainer.class_names))
-            (run_dir / "final_metrics.json").write_text(
-                json.dumps(metrics.to_dict(trainer.class_names), indent=2)
-            )
-        say(f"best val mIoU: {trainer.best_miou:.4f}")
-        say(f"run directory: {run_dir}")
+        result = start_training(
+            cfg, resume=resume, stop_at=args.stop_at, progress=args.progress, say=say
+        )
+    except Interrupted as stop:
+        say(
+            f"leanseg: {stop.signal_name} at iteration {stop.iteration}: {stop.checkpoint} "
+            f"written; continue with: leanseg train --resume {stop.checkpoint.parent}"
+        )
+        return EXIT_INTERRUPTED
     finally:
         cleanup(info)
+    trainer, metrics = result.trainer, result.metrics
+    if metrics is not None and info.is_main:
+        print(metrics.format_table(trainer.class_names))
+        report = json.dumps(metrics.to_dict(trainer.class_names), indent=2)
+        write_text_atomic(result.run_dir / "final_metrics.json", report)
+    best = f"{trainer.best_miou:.4f}" if trainer.best_miou > float("-inf") else "none yet"
+    say(f"best val mIoU: {best}")
+    say(f"run directory: {result.run_dir}")
     return 0
 
 
@@ -196,30 +204,12 @@ def _dry_run(cfg) -> int:
     return 0
 
 
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
 def _silent(*args: object, **kwargs: object) -> None:
     """print() for ranks other than 0."""
-
-
-def _resume_paths(path: Path) -> tuple[Path, Path]:
-    from leanseg.errors import CheckpointError
-
-    run_dir = path if path.is_dir() else path.parent
-    checkpoint = path if path.is_file() else run_dir / "last.pt"
-    for needed in (run_dir / "config.yaml", checkpoint):
-        if not needed.is_file():
-            raise CheckpointError(f"cannot resume: '{needed}' not found; pass a run directory")
-    return run_dir, checkpoint
-
-
-def _new_run_dir(cfg) -> Path:
-    name = cfg.train.name or f"{cfg.model.name}_{cfg.data.dataset}"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.train.work_dir) / f"{name}_{stamp}"
-    run_dir, n = base, 1
-    while run_dir.exists():
-        run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
-    run_dir.mkdir(parents=True)
-    return run_dir
 
 
 def _checkpoint_config(payload: dict, config_path: str | None, overrides: list[str]):
@@ -234,9 +224,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
     from leanseg.engine.distributed import cleanup, init_distributed, process_device
     from leanseg.engine.evaluate import evaluate
+    from leanseg.engine.run_dir import check_output_file, write_text_atomic
     from leanseg.engine.runtime import autocast_dtype, select_device
     from leanseg.errors import CheckpointError
 
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_output_file(out, "--out")  # before the evaluation, not after it
     payload = load_checkpoint(args.checkpoint)
     cfg = _checkpoint_config(payload, args.config, args.overrides)
     dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
@@ -271,10 +265,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if info.is_main:
         metrics = matrix.compute()
         print(metrics.format_table(dataset.class_names))
-        if args.out:
+        if out is not None:
             report = metrics.to_dict(dataset.class_names)
             report["confusion_matrix"] = matrix.matrix.tolist()
-            Path(args.out).write_text(json.dumps(report, indent=2))
+            write_text_atomic(out, json.dumps(report, indent=2))
     return 0
 
 
@@ -369,25 +363,38 @@ def run_data_prepare(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    """Predict images; the output directory is checked (never an input's) before any work."""
+    import numpy as np
+
     from leanseg.config import inference_options
     from leanseg.data.palettes import voc_palette
     from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from leanseg.engine.predict import collect_images, predict_files
+    from leanseg.engine.predict import collect_images, predict_files, prepare_outputs
     from leanseg.engine.runtime import select_device
+    from leanseg.errors import CheckpointError
 
     payload = load_checkpoint(args.checkpoint)
     cfg = _checkpoint_config(payload, None, args.overrides)
     paths = collect_images(args.inputs)
+    out_dir = Path(args.output_dir)
+    stems = prepare_outputs(paths, out_dir)
+    palette = payload.get("palette")  # the dataset's colours; older checkpoints: VOC's
+    palette = voc_palette(256) if palette is None else np.asarray(palette)
+    if palette.ndim != 2 or palette.shape[1] != 3 or not 1 <= palette.shape[0] <= 256:
+        raise CheckpointError(
+            f"checkpoint '{args.checkpoint}': palette has shape {tuple(palette.shape)}, "
+            "expected (K, 3) with K <= 256; re-save the checkpoint"
+        )
     device = select_device(cfg.train.device)
     model = model_from_checkpoint(payload, args.checkpoint).to(device)
-    out_dir = Path(args.output_dir)
     predict_files(
         model,
         paths,
         out_dir,
-        palette=voc_palette(256),
+        palette=palette.astype(np.uint8),
         device=device,
-        progress=args.progress is not False,
+        progress=args.progress,
+        stems=stems,
         **inference_options(cfg.eval),
     )
     print(f"wrote {len(paths)} predictions (index, colour, overlay PNGs) to {out_dir}")

@@ -7,6 +7,7 @@ takes ``(cfg, split, train, check_files)`` and returns a dataset that follows th
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -115,7 +116,15 @@ def _folder(cfg: DataConfig, split: str, train: bool, check_files: bool) -> Data
             "config key 'data.num_classes': required for dataset folder (or set "
             "data.palette_file, one 'R G B name' line per class)"
         )
-    return FolderSegmentation(require_root(cfg), split, colours=colours, **options)
+    return FolderSegmentation(
+        require_root(cfg),
+        split,
+        colours=colours,
+        val_fraction=cfg.val_fraction,
+        train_split=cfg.train_split,
+        val_split=cfg.val_split,
+        **options,
+    )
 
 
 def _cifar10(cfg: DataConfig, split: str, train: bool, check_files: bool) -> Dataset:
@@ -182,6 +191,12 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     )
 
 
+def ignore_interrupts_in_worker(worker_id: int) -> None:
+    """``worker_init_fn``: a terminal's Ctrl-C reaches the whole process group; the workers
+    ignore it, and the main process stops at an iteration boundary and ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def train_loader(
     dataset: Dataset,
     cfg: DataConfig,
@@ -211,6 +226,7 @@ def train_loader(
         drop_last=True,
         persistent_workers=cfg.workers > 0,
         generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched
+        worker_init_fn=ignore_interrupts_in_worker,  # the main process stops them cleanly
     )
 
 
@@ -226,4 +242,5 @@ def val_loader(
         num_workers=cfg.workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=ignore_interrupts_in_worker,
     )

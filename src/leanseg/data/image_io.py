@@ -7,6 +7,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from leanseg.data.palettes import mask_to_pil
@@ -55,11 +56,42 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     # libjpeg decodes a truncated JPEG into a partly grey image with only a warning: catch it here.
     if data.startswith(_JPEG_SOI) and _JPEG_EOI not in data[-_JPEG_TAIL:]:
         raise bad
+    if data.startswith(_JPEG_SOI):
+        image, damage = _decode_jpeg(data)
+        if damage:
+            raise UnreadableFileError(
+                f"{path}: damaged JPEG ({damage}); re-export or remove it from the list file"
+            )
+        if image is None:
+            raise bad
+        return image
     buf = np.frombuffer(data, dtype=np.uint8)
     image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if image is None:
         raise bad
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _decode_jpeg(data: bytes) -> tuple[np.ndarray | None, str | None]:
+    """(RGB image, None), or (None, libjpeg's message) for damaged entropy-coded data.
+
+    libjpeg only *warns* about damaged data ("Corrupt JPEG data: ...", a stray marker) and still
+    returns a partly garbled image; OpenCV does not pass the warning on. simplejpeg's strict mode
+    turns these warnings into errors (the same libjpeg-turbo decode, identical pixels): a file
+    that fails strictly but decodes leniently is damaged. One that fails both ways is left to
+    OpenCV (a JPEG variant simplejpeg does not read).
+    """
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True), None
+    except ValueError as strict_error:
+        try:
+            simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False)
+        except ValueError:
+            pass
+        else:
+            return None, (str(strict_error).strip().splitlines() or ["damaged data"])[0]
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    return (None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)), None
 
 
 def read_mask(path: str | os.PathLike, *, allow_rgb: bool = False) -> np.ndarray:

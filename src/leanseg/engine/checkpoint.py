@@ -20,20 +20,43 @@ REQUIRED = ("format", "version", "model", "num_classes", "state_dict")
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` via a temporary file and an atomic rename."""
+    """Write ``payload`` to ``path`` via a temporary file and an atomic rename.
+
+    A failed write (no space, no permission) leaves the previous file at ``path`` untouched,
+    removes the temporary file and raises one-line :class:`CheckpointError`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        cause = _os_error(err)
+        if cause is None:
+            raise
+        kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+        raise CheckpointError(
+            f"cannot write checkpoint '{path}' ({cause.strerror or cause}): free space or fix "
+            f"permissions in '{path.parent}', or set train.work_dir elsewhere; {kept}"
+        ) from None
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind ``err`` (torch wraps a failed write in a RuntimeError)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -113,3 +113,14 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def any_rank(flag: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """``flag`` (a bool tensor) OR-ed over all ranks, so that every rank takes the same branch."""
+    if not info.enabled:
+        return flag
+    value = flag.to(torch.int32).reshape(1)
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value[0].bool().cpu()

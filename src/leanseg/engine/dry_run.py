@@ -73,6 +73,7 @@ def dry_run(cfg: Config, num_classes: int, *, classification: bool = False) -> s
     datasets = (GeneratedDataset(2 * run.data.batch_size, **shape), GeneratedDataset(2, **shape))
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(run, Path(run_dir), progress=False, datasets=datasets)
+        trainer.open_log()
         loader = train_loader(
             datasets[0], run.data, seed=run.train.seed, start_iteration=0, pin_memory=False
         )

@@ -11,8 +11,13 @@ from tqdm import tqdm
 
 from leanseg.engine.inference import Pair, check_options, predict_probs, predict_whole
 from leanseg.engine.metrics import ConfusionMatrix
+from leanseg.errors import LeansegError
 
-__all__ = ["evaluate"]
+__all__ = ["NonFiniteOutputError", "evaluate"]
+
+
+class NonFiniteOutputError(LeansegError):
+    """The model predicted NaN or infinite scores: its weights have diverged."""
 
 
 def evaluate(
@@ -35,7 +40,8 @@ def evaluate(
 
     The model is put in eval mode and its previous mode restored afterwards. ``mode``, ``scales``,
     ``flip``, ``crop_size``, ``stride`` and ``base_size`` are those of ``predict_probs``; plain
-    whole-image single-scale evaluation takes the argmax of the logits directly.
+    whole-image single-scale evaluation takes the argmax of the logits directly. NaN or infinite
+    scores raise :class:`NonFiniteOutputError` (an argmax would silently call them class 0).
     """
     check_options(mode, scales, crop_size, stride)
     device = torch.device(device)
@@ -55,9 +61,9 @@ def evaluate(
             masks = masks.to(device, non_blocking=True)
             with autocast:
                 if fast:
-                    pred = predict_whole(model, images).argmax(1)
+                    scores = predict_whole(model, images)
                 else:
-                    probs = predict_probs(
+                    scores = predict_probs(
                         model,
                         images,
                         mode=mode,
@@ -67,8 +73,11 @@ def evaluate(
                         stride=stride,
                         base_size=base_size,
                     )
-                    pred = probs.argmax(1)
-            matrix.update(pred, masks)
+            if not torch.isfinite(scores).all():
+                raise NonFiniteOutputError(
+                    "the model predicts NaN or infinite scores: its weights have diverged"
+                )
+            matrix.update(scores.argmax(1), masks)
     finally:
         model.train(was_training)
     matrix.all_reduce()

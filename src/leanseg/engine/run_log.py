@@ -13,14 +13,22 @@ import numpy as np
 class RunLog:
     """Appends JSON lines to ``metrics.jsonl`` and mirrors scalars to tensorboard (optional)."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        tensorboard: bool,
+        enabled: bool = True,
+        purge_step: int | None = None,
+    ) -> None:
+        """``purge_step``: a resumed run's start; tensorboard hides events logged after it."""
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import, only when wanted
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict[str, Any], *, step: int, prefix: str) -> None:
         """Log one record; numeric top-level values also go to tensorboard as ``prefix/key``."""

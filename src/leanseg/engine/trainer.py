@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,12 +15,13 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from leanseg.config import Config, inference_options, to_dict
-from leanseg.data.build import build_datasets, train_loader, val_loader
+from leanseg.data.build import build_datasets, dataset_num_classes, train_loader, val_loader
 from leanseg.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from leanseg.engine.distributed import barrier, current, process_device, wrap_model
-from leanseg.engine.evaluate import evaluate
+from leanseg.engine.distributed import any_rank, barrier, current, process_device, wrap_model
+from leanseg.engine.evaluate import NonFiniteOutputError, evaluate
 from leanseg.engine.metrics import SegMetrics
 from leanseg.engine.optim import build_optimizer, lr_factor, set_lr
+from leanseg.engine.run_dir import truncate_metrics
 from leanseg.engine.run_log import RunLog
 from leanseg.engine.runtime import (
     autocast_dtype,
@@ -28,6 +30,8 @@ from leanseg.engine.runtime import (
     select_device,
     set_rng_state,
 )
+from leanseg.engine.stop_signal import StopOnSignal
+from leanseg.errors import DataError, LeansegError
 from leanseg.methods import acosp, backrazor
 from leanseg.models import build_model
 from leanseg.models import model_options as accepted_options
@@ -94,33 +98,57 @@ def acosp_schedule(cfg: Config, train_size: int, world_size: int) -> acosp.MaskS
     )
 
 
+class TrainingDiverged(LeansegError):
+    """The loss (or a gradient) became NaN or infinite; nothing of that state was saved."""
+
+
+class Interrupted(Exception):
+    """A signal stopped training at an iteration boundary, after ``last.pt`` was written."""
+
+    def __init__(self, signal_name: str, iteration: int, checkpoint: Path) -> None:
+        super().__init__(f"{signal_name} at iteration {iteration}")
+        self.signal_name, self.iteration, self.checkpoint = signal_name, iteration, checkpoint
+
+
 class Trainer:
     """Owns the model, optimizer and data of one run directory."""
 
     def __init__(
         self,
         cfg: Config,
-        run_dir: Path,
+        run_dir: Path | None,
         *,
         progress: bool | None = None,
         datasets: tuple[Dataset, Dataset] | None = None,
     ) -> None:
-        """``datasets`` replaces the config's (train, val) datasets, e.g. for ``--dry-run``."""
+        """``datasets`` replaces the config's (train, val) datasets, e.g. for ``--dry-run``.
+
+        Nothing is written to ``run_dir`` before :meth:`fit`; the model is built before the
+        data is read (or generated), so a bad model option fails in a second.
+        """
         self.cfg, self.run_dir = cfg, run_dir
         self.dist = current()
         self.progress = progress if self.dist.is_main else False
         self.device = process_device(select_device(cfg.train.device), self.dist)
         self.amp_dtype = autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, self.device)
         seed_everything(cfg.train.seed)
+        self.options = model_options(cfg)
+        num_classes = (
+            datasets[0].num_classes if datasets is not None else dataset_num_classes(cfg.data)
+        )
+        model = build_model(cfg.model.name, num_classes, **self.options)
         if not self.dist.is_main:
             barrier(self.dist)  # rank 0 prepares (e.g. generates) the data first
         self.train_set, self.val_set = datasets or build_datasets(cfg.data)
         if self.dist.is_main:
             barrier(self.dist)
-        self.num_classes = self.train_set.num_classes
+        if self.train_set.num_classes != num_classes:
+            raise DataError(
+                f"dataset '{cfg.data.root}' has {self.train_set.num_classes} classes, the "
+                f"config says {num_classes}: set data.num_classes={self.train_set.num_classes}"
+            )
+        self.num_classes = num_classes
         self.class_names = list(self.train_set.class_names)
-        self.options = model_options(cfg)
-        model = build_model(cfg.model.name, self.num_classes, **self.options)
         if cfg.model.pretrained:
             report = load_pretrained(model, cfg.model.pretrained)
             if self.dist.is_main:
@@ -146,7 +174,8 @@ class Trainer:
         )
         self.iteration = 0
         self.best_miou = float("-inf")
-        self.log = RunLog(run_dir, tensorboard=cfg.train.tensorboard, enabled=self.dist.is_main)
+        self.log_window: list[float] = []  # losses since the last train row of metrics.jsonl
+        self.log: RunLog | None = None  # opened by fit(), so a failed start writes nothing
 
     def _update_masks(self) -> None:
         """Set the ACoSP temperature of this iteration; harden the masks when it is time."""
@@ -159,8 +188,23 @@ class Trainer:
             acosp.set_temperature(self.model, self.mask_schedule.tau(self.iteration))
 
     def _save(self, name: str) -> None:
-        if self.dist.is_main:
-            save_checkpoint(self.run_dir / name, self._payload())
+        if not self.dist.is_main:
+            return
+        bad = next(
+            (
+                k
+                for k, v in self.model.state_dict().items()
+                if v.is_floating_point() and not torch.isfinite(v).all()
+            ),
+            None,
+        )
+        if bad is not None:  # never replace a good checkpoint with a diverged one
+            raise TrainingDiverged(
+                f"'{bad}' holds NaN or infinite values at iteration {self.iteration}: training "
+                f"diverged; {name} was not written (the last good one is kept); "
+                f"{DIVERGENCE_FIX}"
+            )
+        save_checkpoint(self.run_dir / name, self._payload())
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _payload(self) -> dict[str, Any]:
@@ -169,12 +213,14 @@ class Trainer:
             "num_classes": self.num_classes,
             "model_options": self.options,
             "class_names": self.class_names,
+            "palette": _palette_tensor(self.train_set),
             "config": to_dict(self.cfg),
             "state_dict": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "iteration": self.iteration,
             "best_miou": self.best_miou,
+            "log_window": list(self.log_window),
             "rng": rng_state(),
         }
 
@@ -182,10 +228,17 @@ class Trainer:
         """Continue exactly where ``checkpoint`` (a last.pt) stopped."""
         payload = load_checkpoint(checkpoint)
         load_model_state(self.model, payload["state_dict"], str(checkpoint))
+        configured = [
+            {k: v for k, v in group.items() if k != "params"}
+            for group in self.optimizer.param_groups
+        ]
         self.optimizer.load_state_dict(payload["optimizer"])
+        for group, settings in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(settings)  # the config wins: optim.lr=... given with --resume applies
         self.scaler.load_state_dict(payload["scaler"])
         self.iteration = int(payload["iteration"])
         self.best_miou = float(payload["best_miou"])
+        self.log_window = [float(v) for v in payload.get("log_window", [])]
         set_rng_state(payload["rng"])
 
     # -- loop ----------------------------------------------------------------------------------
@@ -195,8 +248,15 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, images: torch.Tensor, masks: torch.Tensor) -> float:
-        """One forward/backward/update at the scheduled LR; returns the loss."""
+        """One forward/backward/update at the scheduled LR; returns the loss.
+
+        A non-finite loss stops training (:class:`TrainingDiverged`, nothing saved) or, with
+        ``train.on_nonfinite=skip``, skips the batch: no update, and the BatchNorm statistics
+        its forward moved are put back. Returns NaN for a skipped batch.
+        """
         cfg = self.cfg
+        skip = cfg.train.on_nonfinite == "skip"
+        buffers = [b.detach().clone() for b in self.model.buffers()] if skip else None
         factor = lr_factor(
             self.iteration,
             cfg.train.iterations,
@@ -210,12 +270,25 @@ class Trainer:
         loss = segmentation_loss(
             outputs, masks, ignore_index=cfg.data.ignore_index, aux_weight=cfg.model.aux_weight
         )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at iteration {self.iteration}: lower optim.lr"
+        finite = bool(any_rank(torch.isfinite(loss).logical_not(), self.dist).logical_not())
+        if not finite and not skip:
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at iteration {self.iteration + 1}: training diverged "
+                f"and nothing of it was saved; {DIVERGENCE_FIX}{SKIP_HINT}"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if finite:
+            self.scaler.scale(loss).backward()
+            if skip and self.amp_dtype != torch.float16:  # fp16: the scaler skips inf grads
+                finite = _grads_finite(self.model, self.dist)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+            if self.dist.is_main:
+                tqdm.write(f"skipped batch of iteration {self.iteration + 1}: non-finite loss")
+            return float("nan")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.item()
@@ -243,39 +316,60 @@ class Trainer:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        metrics, running, start = None, [], time.perf_counter()
+        self.open_log()
+        metrics, start = None, time.perf_counter()
         batches = iter(loader)
-        try:
-            while self.iteration < end:
-                self._update_masks()
-                images, masks = next(batches)
-                images = images.to(self.device, non_blocking=pin)
-                masks = masks.to(self.device, non_blocking=pin)
-                loss = self.train_step(images, masks)
-                self.iteration += 1
-                running.append(loss)
-                bar.update(1)
-                lr = self.optimizer.param_groups[-1]["lr"]
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if self.iteration % cfg.train.log_interval == 0:
-                    elapsed = time.perf_counter() - start
-                    record = {"loss": sum(running) / len(running), "lr": lr, "time": elapsed}
-                    self.log.write(record, step=self.iteration, prefix="train")
-                    running = []
-                if self.iteration % cfg.train.val_interval == 0 or self.iteration == total:
-                    metrics = self.validate()
-                    self.net.train()
-        except KeyboardInterrupt:
-            self._save("last.pt")
-            bar.close()
-            raise
-        bar.close()
-        if self.iteration < total:  # stopped early: leave a resumable checkpoint
-            self._save("last.pt")
-        elif self.mask_schedule is not None and acosp.harden(self.model):
-            self._save("last.pt")  # masks still soft at the end (acosp.end past the run)
-        self.log.close()
+        with StopOnSignal("stopping after this iteration; last.pt will be written") as stop:
+            try:
+                while self.iteration < end:
+                    if bool(any_rank(torch.tensor(stop.requested), self.dist)):
+                        break
+                    self._update_masks()
+                    images, masks = next(batches)
+                    images = images.to(self.device, non_blocking=pin)
+                    masks = masks.to(self.device, non_blocking=pin)
+                    loss = self.train_step(images, masks)
+                    self.iteration += 1
+                    if np.isfinite(loss):
+                        self.log_window.append(loss)
+                    bar.update(1)
+                    lr = self.optimizer.param_groups[-1]["lr"]
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    if self.iteration % cfg.train.log_interval == 0:
+                        self._log_train(lr, time.perf_counter() - start)
+                    if self.iteration % cfg.train.val_interval == 0 or self.iteration == total:
+                        metrics = self.validate()
+                        self.net.train()
+                if self.iteration < total:  # stopped early: leave a resumable checkpoint
+                    self._save("last.pt")
+                elif self.mask_schedule is not None and acosp.harden(self.model):
+                    self._save("last.pt")  # masks still soft at the end (acosp.end past the run)
+            finally:
+                bar.close()
+                self.log.close()
+        if stop.requested and self.iteration < end:
+            raise Interrupted(
+                stop.signal_name or "signal", self.iteration, self.run_dir / "last.pt"
+            )
         return metrics
+
+    def open_log(self) -> None:
+        """Open metrics.jsonl / tensorboard, dropping what a previous process logged past the
+        iteration this run starts from (replayed iterations are logged once)."""
+        if self.dist.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
+        self.log = RunLog(
+            self.run_dir,
+            tensorboard=self.cfg.train.tensorboard,
+            enabled=self.dist.is_main,
+            purge_step=self.iteration or None,
+        )
+
+    def _log_train(self, lr: float, elapsed: float) -> None:
+        window, self.log_window = self.log_window, []
+        loss = sum(window) / len(window) if window else float("nan")
+        record = {"loss": loss, "lr": lr, "time": elapsed}
+        self.log.write(record, step=self.iteration, prefix="train")
 
     def validate(self) -> SegMetrics:
         """Evaluate on the val split, log, and write last.pt (and best.pt on a new best mIoU)."""
@@ -287,16 +381,22 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
-        matrix = evaluate(
-            self.model,
-            loader,
-            num_classes=self.num_classes,
-            ignore_index=cfg.data.ignore_index,
-            device=self.device,
-            amp_dtype=self.amp_dtype,
-            **inference_options(cfg.eval),
-            progress=False,
-        )
+        try:
+            matrix = evaluate(
+                self.model,
+                loader,
+                num_classes=self.num_classes,
+                ignore_index=cfg.data.ignore_index,
+                device=self.device,
+                amp_dtype=self.amp_dtype,
+                **inference_options(cfg.eval),
+                progress=False,
+            )
+        except NonFiniteOutputError:
+            raise TrainingDiverged(
+                f"validation at iteration {self.iteration} predicts NaN or infinite scores: "
+                f"training diverged and nothing of it was saved; {DIVERGENCE_FIX}"
+            ) from None
         metrics = matrix.compute()
         summary = {"mIoU": metrics.miou, "mAcc": metrics.mean_acc, "allAcc": metrics.all_acc}
         self.log.write(
@@ -325,6 +425,25 @@ class Trainer:
             return
         panels = prediction_panels(self.model, samples, self.device, self.val_set.palette)
         self.log.images("val/samples", panels, self.iteration)
+
+
+DIVERGENCE_FIX = (
+    "lower optim.lr, raise optim.warmup_iters, or turn AMP off (or use train.amp_dtype=bf16)"
+)
+SKIP_HINT = "; or set train.on_nonfinite=skip to skip such batches"
+
+
+def _grads_finite(model: nn.Module, dist: Any) -> bool:
+    """True when every gradient is finite (on every rank)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    bad = torch.stack([g.isfinite().all().logical_not() for g in grads]).any() if grads else False
+    return not bool(any_rank(torch.as_tensor(bad), dist))
+
+
+def _palette_tensor(dataset: Dataset) -> torch.Tensor:
+    """The dataset's colours (row i: class i) for ``predict`` to paint with."""
+    palette = np.asarray(getattr(dataset, "palette", np.zeros((0, 3))), np.uint8).reshape(-1, 3)
+    return torch.from_numpy(palette.copy())
 
 
 def model_summary(model: nn.Module) -> str:
