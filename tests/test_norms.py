@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanseg import ConfigError, build_model, list_models
+from leanseg.models import model_options
 from leanseg.models.layers import WSConv2d, group_norm, make_conv_layer, make_norm_layer
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -47,7 +48,7 @@ def test_norm_factories():
             make_conv_layer(bad)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", [n for n in list_models() if "norm" in model_options(n)])
 def test_gn_ws_models(name):
     with torch.device("meta"):
         model = build_model(name, NUM_CLASSES, norm="gn_ws")

@@ -1,6 +1,12 @@
 """Segmentation (and CIFAR classification) models, built by name."""
 
-from leanseg.models import cifar_resnet, deeplab, pspnet, segnet  # noqa: F401  (registration)
+from leanseg.models import (  # noqa: F401  (registration)
+    cifar_resnet,
+    deeplab,
+    fasterseg,
+    pspnet,
+    segnet,
+)
 from leanseg.models.pretrained import LoadReport, load_pretrained
 from leanseg.models.registry import build_model, list_models, model_options, register_model
 
