@@ -82,10 +82,43 @@ class OptimConfig:
     backbone_lr_mult: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    schedule: str = "poly"
-    power: float = 0.9
+    schedule: str = "poly"  # poly | cosine | constant | exponential
+    power: float = 0.9  # poly
+    # exponential: lr x gamma ** (iteration // decay_every), piecewise constant (FasterSeg:
+    # lr x 0.992 after each 1000-iteration epoch)
+    gamma: float = 0.992
+    decay_every: int = 1000
     warmup_iters: int = 30
     min_lr: float = 1e-6
+
+
+@dataclass
+class LossConfig:
+    """The segmentation loss: criterion and the weight of each model output."""
+
+    name: str = "ce"  # ce | ohem (online hard example mining, as FasterSeg trains)
+    ohem_thresh: float = 0.7  # ohem: keep pixels whose true-class probability is <= this ...
+    # ... raised to the min_kept-th smallest probability: an absolute pixel count per batch (of
+    # each process) as in the original (FasterSeg: batch * H * W // 16); 0: the threshold alone
+    ohem_min_kept: int = 100000
+    # output name -> weight; every output the model returns in training needs one (unused ones
+    # are reported); null: {out: 1, aux: model.aux_weight}. A mapping merges key by key with
+    # the YAML's: loss.weights=null goes back to the default
+    weights: dict[str, float] | None = None
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (KL on the final logits); off when
+    ``teacher`` is None."""
+
+    teacher: str | None = None  # a leanseg checkpoint (e.g. the teacher run's last.pt)
+    # --dry-run only: when the teacher file does not exist yet, a randomly initialised model of
+    # this registered name stands in for it (so that the KD path runs); ignored otherwise
+    teacher_model: str | None = None
+    weight: float = 1.0
+    temperature: float = 1.0  # the KL is scaled by temperature**2
+    reduction: str = "mean"  # mean: over B*C*H*W (the original's KLDivLoss) | pixel: C x mean
 
 
 @dataclass
@@ -155,6 +188,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     backrazor: BackRazorConfig = field(default_factory=BackRazorConfig)
@@ -175,7 +210,9 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.output_stride": (8, 16),
     "model.crf": (None, "ddd"),
     "optim.name": ("sgd", "adam", "adamw"),
-    "optim.schedule": ("poly", "cosine", "constant"),
+    "optim.schedule": ("poly", "cosine", "constant", "exponential"),
+    "loss.name": ("ce", "ohem"),
+    "distill.reduction": ("mean", "pixel"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp_dtype": ("auto", "bf16", "fp16"),
     "train.on_nonfinite": ("stop", "skip"),
@@ -256,8 +293,14 @@ RANGES: dict[str, Range] = {
     "optim.momentum": FRACTION,
     "optim.weight_decay": NON_NEGATIVE,
     "optim.power": POSITIVE,
+    "optim.gamma": Range(0, 1, low_open=True, note="exponential: the LR factor per decay_every"),
+    "optim.decay_every": POSITIVE.with_note("iterations per LR step"),
     "optim.warmup_iters": NON_NEGATIVE,
     "optim.min_lr": NON_NEGATIVE,
+    "loss.ohem_thresh": Range(0, 1, note="a probability"),
+    "loss.ohem_min_kept": NON_NEGATIVE.with_note("pixels per batch; 0: loss.ohem_thresh alone"),
+    "distill.weight": POSITIVE.with_note("set distill.teacher=null to train without KD"),
+    "distill.temperature": POSITIVE,
     "train.iterations": POSITIVE,
     "train.val_interval": POSITIVE,
     "train.log_interval": POSITIVE,
@@ -466,8 +509,10 @@ def validate(cfg: Config) -> None:
             f"config key 'acosp.end': must be >= acosp.start ({cfg.acosp.start}), "
             f"got {cfg.acosp.end}"
         )
+    _check_loss_weights(cfg.loss.weights)
     _check_dataset(cfg.data)
     _check_model(cfg.model)
+    _check_teacher_model(cfg.distill)
 
 
 def _check_range(key: str, value: Any, rule: Range) -> None:
@@ -509,6 +554,20 @@ def _check_finite(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': must be a finite number, got {value}")
 
     walk("", cfg)
+
+
+def _check_loss_weights(weights: dict[str, float] | None) -> None:
+    """``loss.weights`` is null or a non-empty mapping of non-negative weights."""
+    if weights is None:
+        return
+    if not weights:
+        raise ConfigError(
+            "config key 'loss.weights': empty; give a weight per model output, e.g. "
+            "{out: 1.0, aux: 0.4}, or null for {out: 1, aux: model.aux_weight}"
+        )
+    for name, weight in weights.items():
+        if weight < 0:
+            raise ConfigError(f"config key 'loss.weights.{name}': must be >= 0, got {weight}")
 
 
 def _check_dataset(cfg: DataConfig) -> None:
@@ -562,6 +621,17 @@ def _check_model(cfg: ModelConfig) -> None:
             f"accepted options: {sorted(accepted)}"
         )
     _check_crf(cfg)
+
+
+def _check_teacher_model(cfg: DistillConfig) -> None:
+    """``distill.teacher_model`` (the dry run's stand-in teacher) is a registered model."""
+    from leanseg.models import list_models  # lazy: the models need torch
+
+    if cfg.teacher_model is not None and cfg.teacher_model not in list_models():
+        raise ConfigError(
+            f"config key 'distill.teacher_model': unknown model {cfg.teacher_model!r}; choose "
+            f"one of {list_models()}"
+        )
 
 
 def _check_crf(cfg: ModelConfig) -> None:

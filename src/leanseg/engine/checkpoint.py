@@ -13,6 +13,7 @@ from torch import nn
 from leanseg.errors import CheckpointError
 from leanseg.methods import acosp
 from leanseg.models import build_model
+from leanseg.models import model_options as accepted_options
 
 FORMAT = "leanseg-checkpoint"
 VERSION = 1
@@ -101,6 +102,23 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
             f"another shape {wrong[:3]}; check model.name / data.num_classes"
         )
     model.load_state_dict(state_dict)
+
+
+def self_contained_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the files they name replaced by their content, as plain data.
+
+    A checkpoint records its model's builder options; with this it rebuilds the model without
+    those files: FasterSeg's ``arch`` given as the path of a spec ``.json`` becomes the spec
+    itself (a dict, which the builder accepts as ``arch``). Other options are returned as is.
+    """
+    arch = options.get("arch")
+    if "arch" not in accepted_options(name) or not isinstance(arch, str | Path):
+        return dict(options)
+    if not str(arch).endswith(".json"):
+        return dict(options)  # a packaged name ("student" / "teacher")
+    from leanseg.models.fasterseg.spec import load_spec, spec_to_dict
+
+    return {**options, "arch": spec_to_dict(load_spec(arch))}
 
 
 def model_from_checkpoint(payload: dict[str, Any], source: str) -> nn.Module:

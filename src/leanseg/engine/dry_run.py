@@ -5,6 +5,11 @@ runs two training iterations and one validation on generated data of the recipe'
 (crop size, class count) and reports the resolved recipe. Each iteration uses at most
 ``DRY_RUN_BATCH`` samples, so that recipes meant for a GPU (batch 16 at 713 px) fit a laptop;
 the recipe's own batch size is validated and printed.
+
+A recipe that distils from a teacher checkpoint that does not exist yet (the student recipe of a
+teacher run still to train) still runs its KD loss: when ``distill.teacher`` is missing, a
+randomly initialised model named by ``distill.teacher_model`` stands in for it, and the report
+says so. A real run with a missing teacher is a one-line error naming ``distill.teacher``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch.utils.data import Dataset
 
 from leanseg.config import Config, to_yaml
 from leanseg.data.palettes import voc_palette
+from leanseg.errors import ConfigError
 
 DRY_RUN_BATCH = 2  # the smallest batch BatchNorm trains with
 
@@ -71,8 +77,9 @@ def dry_run(cfg: Config, num_classes: int, *, classification: bool = False) -> s
         classification=classification,
     )
     datasets = (GeneratedDataset(2 * run.data.batch_size, **shape), GeneratedDataset(2, **shape))
+    teacher, notes = stand_in(cfg, num_classes)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(run, Path(run_dir), progress=False, datasets=datasets)
+        trainer = Trainer(run, Path(run_dir), progress=False, datasets=datasets, teacher=teacher)
         trainer.open_log()
         loader = train_loader(
             datasets[0], run.data, seed=run.train.seed, start_iteration=0, pin_memory=False
@@ -94,5 +101,31 @@ def dry_run(cfg: Config, num_classes: int, *, classification: bool = False) -> s
             f"at {size[0]}x{size[1]} px, "
             f"losses {losses[0]:.4f} {losses[1]:.4f}; validation ran (mIoU {metrics.miou:.4f} on "
             "random data); config, model, optimizer and data shapes are consistent",
+            *notes,
         ]
     )
+
+
+def stand_in(cfg: Config, num_classes: int) -> tuple[torch.nn.Module | None, list[str]]:
+    """(the dry run's stand-in teacher or None, report lines): a random ``distill.teacher_model``
+    when ``distill.teacher`` is set but its file does not exist; None (the real teacher is
+    loaded, or there is none) otherwise."""
+    from leanseg.engine.teacher import stand_in_teacher
+
+    distill = cfg.distill
+    if distill.teacher is None:
+        return None, []
+    if Path(distill.teacher).is_file():
+        return None, [f"distill: teacher {distill.teacher} loaded and checked"]
+    if distill.teacher_model is None:
+        raise ConfigError(
+            f"config key 'distill.teacher': teacher checkpoint '{distill.teacher}' not found; "
+            "train the teacher first, or set distill.teacher_model to a model name so that the "
+            "dry run stands in a randomly initialised teacher"
+        )
+    teacher = stand_in_teacher(distill.teacher_model, num_classes, "cpu")
+    return teacher, [
+        f"distill: teacher checkpoint '{distill.teacher}' not found: a randomly initialised "
+        f"{distill.teacher_model} (distill.teacher_model) stood in for it, so the KD loss ran "
+        "(its value means nothing); a real run needs the trained teacher there"
+    ]

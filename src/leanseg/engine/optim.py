@@ -43,12 +43,30 @@ def build_optimizer(
 
 
 def lr_factor(
-    iteration: int, total: int, *, schedule: str, power: float = 0.9, warmup_iters: int = 0
+    iteration: int,
+    total: int,
+    *,
+    schedule: str,
+    power: float = 0.9,
+    warmup_iters: int = 0,
+    gamma: float = 0.992,
+    decay_every: int = 1000,
 ) -> float:
-    """Multiplier of the base LR at ``iteration`` (0-based) of ``total``: poly, cosine or constant,
-    after an optional linear warm-up."""
+    """Multiplier of the base LR at ``iteration`` (0-based) of ``total``, after an optional
+    linear warm-up (``(iteration + 1) / warmup_iters`` for the first ``warmup_iters``).
+
+    - ``poly``: ``(1 - iteration / total) ** power``;
+    - ``cosine``: ``(1 + cos(pi * iteration / total)) / 2``;
+    - ``constant``: 1;
+    - ``exponential``: ``gamma ** (iteration // decay_every)``, piecewise constant: FasterSeg's
+      ``ExponentialLR(0.992)`` stepped after each epoch of ``decay_every`` = 1000 iterations
+      (iterations 0..999 at the base LR, 1000..1999 at 0.992 x, ...). Like the other schedules
+      it counts from iteration 0, warm-up included.
+    """
     if iteration < warmup_iters:
         return (iteration + 1) / warmup_iters
+    if schedule == "exponential":
+        return gamma ** (iteration // decay_every)
     progress = min(iteration / max(total, 1), 1.0)
     if schedule == "poly":
         return (1.0 - progress) ** power

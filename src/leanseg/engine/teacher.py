@@ -13,7 +13,8 @@ from torch import nn
 from leanseg.data.cifar10 import CIFAR_MEAN, CIFAR_STD
 from leanseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from leanseg.errors import CheckpointError
+from leanseg.errors import CheckpointError, ConfigError
+from leanseg.models import build_model
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
@@ -68,10 +69,42 @@ def load_teacher(
             f"std {t_std}, the student's are mean {tuple(mean)} std {tuple(std)}: use a teacher "
             "trained with the student's data normalisation (same data.dataset)"
         )
-    model = model_from_checkpoint(payload, str(path)).to(device)
+    return freeze(model_from_checkpoint(payload, str(path)), device)
+
+
+def freeze(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """``model`` on ``device``, in eval mode, every parameter without gradient."""
+    model = model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def stand_in_teacher(name: str, num_classes: int, device: str | torch.device) -> nn.Module:
+    """A randomly initialised, frozen model ``name`` (the dry run's teacher before one exists)."""
+    return freeze(build_model(name, num_classes), device)
+
+
+def configured_teacher(
+    path: str | Path,
+    *,
+    num_classes: int,
+    student_config: dict[str, Any],
+    device: str | torch.device,
+) -> nn.Module:
+    """:func:`load_teacher` of the config key ``distill.teacher``, checked against the student.
+
+    ``student_config`` is the student's config as plain data (its normalisation is read with
+    :func:`recorded_normalization`). A missing file is a one-line ConfigError naming the key.
+    """
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"config key 'distill.teacher': teacher checkpoint '{path}' not found; train the "
+            "teacher first and point distill.teacher at its last.pt (or best.pt), or set "
+            "distill.teacher=null to train without distillation"
+        )
+    mean, std = recorded_normalization({"config": student_config})
+    return load_teacher(path, num_classes=num_classes, mean=mean, std=std, device=device)
 
 
 def teacher_logits(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""The iteration-based training loop: poly LR, validation, best/last checkpoints, exact resume."""
+"""The iteration-based training loop: LR schedule, weighted (OHEM) loss with optional KD from a
+frozen teacher, validation, best/last checkpoints, exact resume.
+
+``train_step`` calls the module-level name ``segmentation_loss`` at each step (tests/fault_inject.py
+replaces it to inject faults).
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,28 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from leanseg.config import Config, inference_options, to_dict
 from leanseg.data.build import build_datasets, dataset_num_classes, train_loader, val_loader
-from leanseg.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from leanseg.engine.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+    self_contained_options,
+)
 from leanseg.engine.distributed import any_rank, barrier, current, process_device, wrap_model
 from leanseg.engine.evaluate import NonFiniteOutputError, evaluate
+from leanseg.engine.losses import distillation_loss, segmentation_loss
 from leanseg.engine.metrics import SegMetrics
+from leanseg.engine.objective import (
+    check_loss_weights,
+    loss_criterion,
+    loss_weights,
+    training_outputs,
+)
 from leanseg.engine.optim import build_optimizer, lr_factor, set_lr
 from leanseg.engine.run_dir import truncate_metrics
 from leanseg.engine.run_log import RunLog
@@ -31,6 +47,7 @@ from leanseg.engine.runtime import (
     set_rng_state,
 )
 from leanseg.engine.stop_signal import StopOnSignal
+from leanseg.engine.teacher import configured_teacher, freeze, teacher_logits
 from leanseg.errors import DataError, LeansegError
 from leanseg.methods import acosp, backrazor
 from leanseg.models import build_model
@@ -44,7 +61,8 @@ def model_options(cfg: Config) -> dict[str, Any]:
 
     ``model.output_stride`` and ``model.aux`` apply to the models that have them; ``model.crf``
     (with ``crf_iters`` / ``crf_gamma``) is passed when set, and is a ConfigError for a model
-    without a CRF head.
+    without a CRF head. Options naming a file hold its content instead (a FasterSeg ``arch``
+    spec path: the spec dict), so that a checkpoint rebuilds its model on its own.
     """
     options = dict(cfg.model.options)
     accepted = accepted_options(cfg.model.name)
@@ -63,18 +81,7 @@ def model_options(cfg: Config) -> dict[str, Any]:
         options.setdefault("crf", cfg.model.crf)
         options.setdefault("crf_iters", cfg.model.crf_iters)
         options.setdefault("crf_gamma", cfg.model.crf_gamma)
-    return options
-
-
-def segmentation_loss(
-    outputs: dict[str, torch.Tensor], masks: torch.Tensor, *, ignore_index: int, aux_weight: float
-) -> torch.Tensor:
-    """Cross-entropy on the main logits (+ ``aux_weight`` x the auxiliary head's)."""
-    loss = F.cross_entropy(outputs["out"].float(), masks, ignore_index=ignore_index)
-    if "aux" in outputs:
-        aux = F.cross_entropy(outputs["aux"].float(), masks, ignore_index=ignore_index)
-        loss = loss + aux_weight * aux
-    return loss
+    return self_contained_options(cfg.model.name, options)
 
 
 def acosp_schedule(cfg: Config, train_size: int, world_size: int) -> acosp.MaskSchedule | None:
@@ -120,11 +127,15 @@ class Trainer:
         *,
         progress: bool | None = None,
         datasets: tuple[Dataset, Dataset] | None = None,
+        teacher: nn.Module | None = None,
     ) -> None:
-        """``datasets`` replaces the config's (train, val) datasets, e.g. for ``--dry-run``.
+        """``datasets`` replaces the config's (train, val) datasets, e.g. for ``--dry-run``;
+        ``teacher`` replaces the checkpoint ``distill.teacher`` names (the dry run's stand-in;
+        used only when ``distill.teacher`` is set).
 
-        Nothing is written to ``run_dir`` before :meth:`fit`; the model is built before the
-        data is read (or generated), so a bad model option fails in a second.
+        Nothing is written to ``run_dir`` before :meth:`fit`; the model and the teacher are
+        built before the data is read (or generated), so a bad model option, a missing or
+        mismatched teacher, or a model output without a loss weight fails in seconds.
         """
         self.cfg, self.run_dir = cfg, run_dir
         self.dist = current()
@@ -137,6 +148,9 @@ class Trainer:
             datasets[0].num_classes if datasets is not None else dataset_num_classes(cfg.data)
         )
         model = build_model(cfg.model.name, num_classes, **self.options)
+        self.loss_weights, self.criterion = loss_weights(cfg), loss_criterion(cfg)
+        self.outputs_checked = self._check_outputs(model)  # on the CPU, before any data
+        self.teacher = self._teacher(teacher, num_classes)
         if not self.dist.is_main:
             barrier(self.dist)  # rank 0 prepares (e.g. generates) the data first
         self.train_set, self.val_set = datasets or build_datasets(cfg.data)
@@ -176,6 +190,37 @@ class Trainer:
         self.best_miou = float("-inf")
         self.log_window: list[float] = []  # losses since the last train row of metrics.jsonl
         self.log: RunLog | None = None  # opened by fit(), so a failed start writes nothing
+
+    def _teacher(self, given: nn.Module | None, num_classes: int) -> nn.Module | None:
+        """The frozen KD teacher (None without ``distill.teacher``); never part of the student's
+        state dict, optimizer or checkpoints, and loaded again from the config on resume."""
+        if self.cfg.distill.teacher is None:
+            return None
+        if given is not None:
+            return freeze(given, self.device)
+        return configured_teacher(
+            self.cfg.distill.teacher,
+            num_classes=num_classes,
+            student_config=to_dict(self.cfg),
+            device=self.device,
+        )
+
+    def _check_outputs(self, model: nn.Module) -> bool:
+        """Check the loss weights against the model's training outputs (a probe forward, before
+        anything is written); False when the probe could not run: the first step checks."""
+        data = self.cfg.data
+        size = (data.crop_size, data.crop_width or data.crop_size)
+        try:
+            outputs = training_outputs(model, size, torch.device("cpu"))
+        except Exception:  # e.g. a model that needs larger inputs: checked at the first step
+            return False
+        unused = check_loss_weights(outputs, self.loss_weights, self.cfg.model.name)
+        if unused and self.cfg.loss.weights is not None and self.dist.is_main:
+            tqdm.write(
+                f"note: loss.weights {unused} unused: model {self.cfg.model.name!r} returns "
+                f"{outputs} in training"
+            )
+        return True
 
     def _update_masks(self) -> None:
         """Set the ACoSP temperature of this iteration; harden the masks when it is time."""
@@ -250,6 +295,10 @@ class Trainer:
     def train_step(self, images: torch.Tensor, masks: torch.Tensor) -> float:
         """One forward/backward/update at the scheduled LR; returns the loss.
 
+        The loss is ``segmentation_loss`` over the model's outputs (``loss.weights``, CE or OHEM)
+        plus ``distill.weight`` x the KD loss of the ``"out"`` logits against the frozen
+        teacher's on the same (augmented) batch, under the same autocast.
+
         A non-finite loss stops training (:class:`TrainingDiverged`, nothing saved) or, with
         ``train.on_nonfinite=skip``, skips the batch: no update, and the BatchNorm statistics
         its forward moved are put back. Returns NaN for a skipped batch.
@@ -263,13 +312,31 @@ class Trainer:
             schedule=cfg.optim.schedule,
             power=cfg.optim.power,
             warmup_iters=cfg.optim.warmup_iters,
+            gamma=cfg.optim.gamma,
+            decay_every=cfg.optim.decay_every,
         )
         set_lr(self.optimizer, factor, cfg.optim.min_lr)
         with self._autocast():
             outputs = self.net(images)
+            target = teacher_logits(self.teacher, images) if self.teacher is not None else None
+        if not self.outputs_checked:
+            check_loss_weights(outputs, self.loss_weights, cfg.model.name)
+            self.outputs_checked = True
         loss = segmentation_loss(
-            outputs, masks, ignore_index=cfg.data.ignore_index, aux_weight=cfg.model.aux_weight
+            outputs,
+            masks,
+            ignore_index=cfg.data.ignore_index,
+            weights=self.loss_weights,
+            criterion=self.criterion,
         )
+        if target is not None:
+            kd = distillation_loss(
+                outputs["out"],
+                target,
+                temperature=cfg.distill.temperature,
+                reduction=cfg.distill.reduction,
+            )
+            loss = loss + cfg.distill.weight * kd
         finite = bool(any_rank(torch.isfinite(loss).logical_not(), self.dist).logical_not())
         if not finite and not skip:
             raise TrainingDiverged(

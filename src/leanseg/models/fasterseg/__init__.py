@@ -2,7 +2,8 @@
 
 - ``fasterseg_student`` / ``fasterseg_teacher``: the networks derived from the original's shipped
   architecture parameters (section 6), kept as spec files in ``archs/``;
-- ``fasterseg``: any spec; ``arch`` is ``"student"``, ``"teacher"`` or a spec JSON file path.
+- ``fasterseg``: any spec; ``arch`` is ``"student"``, ``"teacher"``, a spec JSON file path or the
+  spec as a dict (what a checkpoint records, so that it rebuilds without the file).
 
 Options: ``aux`` builds the auxiliary 1/16 and 1/32 heads (training outputs ``"aux16"`` and
 ``"aux32"``); ``width_mult`` scales every width (for tests and small experiments).
@@ -10,8 +11,10 @@ Options: ``aux`` builds the auxiliary 1/16 and 1/32 heads (training outputs ``"a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from leanseg.errors import ConfigError
 from leanseg.models.fasterseg.network import FasterSeg
@@ -29,8 +32,10 @@ def packaged_spec(name: str) -> ArchSpec:
     return load_spec(ARCHS_DIR / f"{name}.json")
 
 
-def resolve_arch(arch: str | Path) -> ArchSpec:
-    """A packaged name or the path of a spec file."""
+def resolve_arch(arch: str | Path | Mapping[str, Any]) -> ArchSpec:
+    """A packaged name, the path of a spec file, or a spec itself (a checkpoint's record)."""
+    if isinstance(arch, Mapping):
+        return spec_from_dict(arch, source="arch")
     if isinstance(arch, str) and arch in PACKAGED:
         return packaged_spec(arch)
     if not isinstance(arch, (str, Path)) or not str(arch).endswith(".json"):
