@@ -1,7 +1,9 @@
 """Size and speed of a model's inference: parameters, FLOPs of one forward, forward latency.
 
-``leanseg bench model -c CONFIG`` prints :func:`model_report` as JSON; benchmarks/acosp.py
-compares dense and pruned models with the same functions, timed round-robin.
+``leanseg bench model -c CONFIG [--backend torch|onnxruntime]`` prints :func:`model_report` as
+JSON, the latency with the backend it was measured on; benchmarks/acosp.py and
+benchmarks/fasterseg_latency.py compare models with the same functions, timed round-robin
+(:func:`leanseg.bench.round_robin_times`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from leanseg.bench import round_robin_times
 from leanseg.errors import ConfigError
 from leanseg.flops import flop_counter
+from leanseg.ort_latency import OrtRun, require_onnxruntime
+
+BACKENDS = ("torch", "onnxruntime")
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -73,11 +79,30 @@ def forward_flops(model: nn.Module, images: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def _timed_forward(model: nn.Module, images: torch.Tensor) -> float:
-    start = time.perf_counter()
-    model(images)
-    _sync(images.device)
-    return time.perf_counter() - start
+class TimedForward:
+    """Calling it times one forward of ``model`` on ``images`` (device synchronised)."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor) -> None:
+        self.model, self.images = model, images
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        self.model(self.images)
+        _sync(self.images.device)
+        return time.perf_counter() - start
+
+
+def torch_backend(device: torch.device, threads: int) -> dict[str, Any]:
+    """What torch-eager figures were measured with."""
+    info: dict[str, Any] = {
+        "name": "torch eager",
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": threads,
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def _check_runs(runs: int, warmup: int) -> None:
@@ -97,14 +122,8 @@ def interleaved_forward_seconds(
     _check_runs(runs, warmup)
     for model in models:
         model.eval()
-    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
-        for round_ in range(warmup + runs):
-            for model, spent in zip(models, times, strict=True):
-                seconds = _timed_forward(model, images)
-                if round_ >= warmup:
-                    spent.append(seconds)
-    return [sorted(spent) for spent in times]
+        return round_robin_times([TimedForward(m, images) for m in models], runs, warmup)
 
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
@@ -123,13 +142,20 @@ def model_report(
     runs: int = 20,
     warmup: int = 5,
     threads: int | None = None,
+    backend: str = "torch",
 ) -> dict[str, Any]:
     """Parameters, FLOPs of one forward and forward latency of ``model`` (set to eval mode).
 
     The input is N(0, 1) data of ``input_shape`` (N, C, H, W) on the model's device; latency is
-    the median / p10 / p90 of ``runs`` forwards after ``warmup`` untimed ones, under
-    ``torch.inference_mode()`` with ``threads`` intra-op threads (None: the current number).
+    the median / p10 / p90 of ``runs`` forwards after ``warmup`` untimed ones with ``threads``
+    intra-op threads (None: torch's current number), on ``backend``: ``"torch"`` (eager, under
+    ``torch.inference_mode()``) or ``"onnxruntime"`` (the exported model's ``session.run``).
+    ``"backend"`` in the report records what the latency was measured with.
     """
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend: got {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "onnxruntime":
+        require_onnxruntime()  # before any work
     shape = [int(n) for n in input_shape]
     if len(shape) != 4 or min(shape) < 1:
         raise ConfigError(f"input shape {shape}: need 4 positive sizes (N, C, H, W)")
@@ -138,12 +164,19 @@ def model_report(
     images = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     with num_threads(threads) as used:
         flops = forward_flops(model, images)
-        (seconds,) = interleaved_forward_seconds([model], images, runs=runs, warmup=warmup)
+        if backend == "torch":
+            (seconds,) = interleaved_forward_seconds([model], images, runs=runs, warmup=warmup)
+            info = torch_backend(device, used)
+        else:
+            session = OrtRun(model, images, used)
+            (seconds,) = round_robin_times([session], runs, warmup)
+            info = session.backend()
     latency = latency_summary(seconds)
     return {
         "input": shape,
         "device": str(device),
         "threads": used,
+        "backend": info,
         **parameter_counts(model),
         "flops": flops,
         "gflops": flops / 1e9,

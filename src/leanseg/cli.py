@@ -107,7 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench_model.add_argument("--runs", type=int, default=20, help="timed forward passes")
     bench_model.add_argument("--warmup", type=int, default=5, help="untimed forwards first")
     bench_model.add_argument(
-        "--threads", type=int, help="torch intra-op threads (default: the current number)"
+        "--threads",
+        type=int,
+        help="intra-op threads of torch / onnxruntime (default: torch's current number)",
+    )
+    bench_model.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime"],
+        default="torch",
+        help="time torch eager or the exported model in onnxruntime (the [export] extra)",
     )
     bench_model.set_defaults(func=run_bench_model)
 
@@ -313,7 +321,12 @@ def run_bench_model(args: argparse.Namespace) -> int:
     height, width = size if len(size) == 2 else size * 2
     model = model.to(select_device(cfg.train.device))
     report = model_report(
-        model, (args.batch, 3, height, width), args.runs, args.warmup, args.threads
+        model,
+        (args.batch, 3, height, width),
+        args.runs,
+        args.warmup,
+        args.threads,
+        backend=args.backend,
     )
     header = {"model": name, "checkpoint": args.checkpoint}
     print(json.dumps({**header, **report}, indent=2))

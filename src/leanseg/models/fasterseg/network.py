@@ -17,11 +17,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from leanseg.models.fasterseg.ops import ConvX2, make_op, zoom
+from leanseg.models.fasterseg.ops import ConvBNReLU, ConvX2, make_op, zoom
 from leanseg.models.fasterseg.spec import ArchSpec, BranchSpec
-from leanseg.models.layers import ConvNormAct, init_weights_
+from leanseg.models.layers import init_weights_
 
 Features = dict[int, Tensor]  # scale -> a branch's last feature map at that scale
+
+
+def _channels_last_inference(model: nn.Module, x: Tensor) -> bool:
+    """Eval mode on the CPU: the convs are faster on channels-last (NHWC) feature maps."""
+    return not isinstance(x, torch.fx.Proxy) and not model.training and x.device.type == "cpu"
 
 
 class Stem(nn.Sequential):
@@ -29,7 +34,7 @@ class Stem(nn.Sequential):
 
     def __init__(self, widths: tuple[int, int, int]) -> None:
         super().__init__(
-            ConvNormAct(3, widths[0], 3, stride=2),
+            ConvBNReLU(3, widths[0], 3, stride=2),
             ConvX2(widths[0], widths[1], stride=2),
             ConvX2(widths[1], widths[2], stride=2),
         )
@@ -79,9 +84,9 @@ class Aggregation(nn.Module):
         super().__init__()
         self.scale = branch.scale
         self.steps = [s for s in (16, 8) if s < branch.scale]
-        self.arms = nn.ModuleList(ConvNormAct(agg[2 * s], agg[s], 1) for s in self.steps)
+        self.arms = nn.ModuleList(ConvBNReLU(agg[2 * s], agg[s], 1) for s in self.steps)
         self.refines = nn.ModuleList(
-            ConvNormAct(agg[s] + features[s], agg[s], 3) for s in self.steps
+            ConvBNReLU(agg[s] + features[s], agg[s], 3) for s in self.steps
         )
 
     def forward(self, features: Features) -> Tensor:
@@ -96,7 +101,7 @@ class Head(nn.Sequential):
     """3x3 conv-BN-ReLU to ``mid`` -> 1x1 conv (with bias) to ``num_classes``."""
 
     def __init__(self, c_in: int, mid: int, num_classes: int) -> None:
-        super().__init__(ConvNormAct(c_in, mid, 3), nn.Conv2d(mid, num_classes, 1))
+        super().__init__(ConvBNReLU(c_in, mid, 3), nn.Conv2d(mid, num_classes, 1))
 
 
 class FasterSeg(nn.Module):
@@ -113,7 +118,7 @@ class FasterSeg(nn.Module):
                 for b in spec.branches
             }
         )
-        self.fusion = ConvNormAct(head.agg[8] * len(spec.branches), head.fusion, 1)
+        self.fusion = ConvBNReLU(head.agg[8] * len(spec.branches), head.fusion, 1)
         self.classifier = Head(head.fusion, head.mid, num_classes)
         self.aux_heads: nn.ModuleDict | None = None
         if aux:
@@ -127,10 +132,16 @@ class FasterSeg(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         size = x.shape[-2:]
+        nhwc = _channels_last_inference(self, x)
+        if nhwc:
+            x = x.contiguous(memory_format=torch.channels_last)
         branches = self.backbone(x)
         pairs = list(zip(self.spec.scales, branches, strict=True))
         fused = torch.cat([self.aggregations[str(s)](f) for s, f in pairs], dim=1)
-        result = {"out": zoom(self.classifier(self.fusion(fused)), size)}
+        logits = self.classifier(self.fusion(fused))
+        if nhwc:  # back before the final resize: its large output in the usual layout
+            logits = logits.contiguous()
+        result = {"out": zoom(logits, size)}
         if self.training and self.aux_heads is not None:
             for key, head in self.aux_heads.items():
                 scale = int(key)

@@ -6,6 +6,11 @@ network gives the same size at a scale; on even sizes this is the original's beh
 "Zoomed" ops run at half resolution: bilinear (``align_corners=True``) to ``ceil(H / 2)``, the
 convs, then at stride 1 bilinear back to the input size. ConvX2 is two conv-BN-ReLU layers with
 *no* residual (the original calls it "BasicResidual2x"; spec quirk 11).
+
+Inference path: in eval mode every conv -> BN [-> ReLU] runs as one conv with the BN folded into
+its weight and bias, the ReLU in place (:func:`conv_bn`); the same outputs to float rounding, the
+same modules and state dict. Training, hooked or non-standard modules and fx tracing take the
+module-by-module path.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from leanseg.models.layers import ConvNormAct
 
@@ -27,11 +33,63 @@ def zoom(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _plain(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """``module`` is exactly a ``kind`` and no hook (its own or global) would see its call."""
+    hooked = any(getattr(module, h, None) for h in _HOOKS)
+    hooked = hooked or any(getattr(_module, f"_global{h}", None) for h in _HOOKS)
+    return type(module) is kind and not hooked
+
+
+def foldable(x: Tensor, conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether ``conv`` -> ``bn`` may run as one folded conv on ``x``: eval-mode BN with running
+    statistics, plain un-hooked ``nn.Conv2d`` / ``nn.BatchNorm2d``, and ``x`` not an fx proxy."""
+    return (
+        not isinstance(x, torch.fx.Proxy)
+        and _plain(conv, nn.Conv2d)
+        and _plain(bn, nn.BatchNorm2d)
+        and not bn.training
+        and bn.affine
+        and bn.running_mean is not None
+        and conv.padding_mode == "zeros"
+    )
+
+
+def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> Tensor:
+    """``bn(conv(x))`` [then ReLU]; one conv with the BN folded in where :func:`foldable`."""
+    if not foldable(x, conv, bn):
+        out = bn(conv(x))
+        return F.relu(out) if relu else out
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return F.relu_(out) if relu else out
+
+
+def _relu_resized(x: Tensor, training: bool) -> Tensor:
+    """ReLU of a resize's output (a fresh tensor), in place in eval mode."""
+    return F.relu(x, inplace=not training and not isinstance(x, torch.fx.Proxy))
+
+
+class ConvBNReLU(ConvNormAct):
+    """:class:`ConvNormAct` (children ``0`` conv, ``1`` BN, ``2`` ReLU) on the folded eval path."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _plain(self[2], nn.ReLU):
+            return super().forward(x)
+        return conv_bn(x, self[0], self[1], relu=True)
+
+
 def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
 
 
-class Conv(ConvNormAct):
+class Conv(ConvBNReLU):
     """``conv``: 3x3 conv (stride 1 or 2) -> BN -> ReLU."""
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
@@ -49,8 +107,8 @@ class ConvX2(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(x)))
+        x = conv_bn(x, self.conv1, self.bn1, relu=True)
+        return conv_bn(x, self.conv2, self.bn2, relu=True)
 
 
 class ZoomedConv(nn.Module):
@@ -63,8 +121,10 @@ class ZoomedConv(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.bn1(self.conv1(zoom(x, half_size(x))))
-        return F.relu(zoom(out, x.shape[-2:]) if self.stride == 1 else out)
+        if self.stride == 2:
+            return conv_bn(zoom(x, half_size(x)), self.conv1, self.bn1, relu=True)
+        out = conv_bn(zoom(x, half_size(x)), self.conv1, self.bn1, relu=False)
+        return _relu_resized(zoom(out, x.shape[-2:]), self.training)
 
 
 class ZoomedConvX2(nn.Module):
@@ -79,9 +139,11 @@ class ZoomedConvX2(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(zoom(x, half_size(x)))))
-        out = self.bn2(self.conv2(out))
-        return F.relu(zoom(out, x.shape[-2:]) if self.stride == 1 else out)
+        out = conv_bn(zoom(x, half_size(x)), self.conv1, self.bn1, relu=True)
+        if self.stride == 2:
+            return conv_bn(out, self.conv2, self.bn2, relu=True)
+        out = conv_bn(out, self.conv2, self.bn2, relu=False)
+        return _relu_resized(zoom(out, x.shape[-2:]), self.training)
 
 
 class FactorizedReduce(nn.Module):
