@@ -54,6 +54,17 @@ def runs(work: Path) -> dict[str, list[str]]:
     }
 
 
+def seed_runs(work: Path, seeds: list[int]) -> dict[str, list[str]]:
+    """The student with and without KD again at other seeds (same teacher): how far a seed
+    moves the KD gain."""
+    base = runs(work)
+    return {
+        f"{name}_seed{seed}": [*base[name], f"train.seed={seed}"]
+        for seed in seeds
+        for name in ("fasterseg_student", "fasterseg_student_kd")
+    }
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """val mIoU against onnxruntime and torch latency, one point per model."""
     import matplotlib
@@ -89,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-only", action="store_true", help="train, do not measure")
     parser.add_argument("--only", nargs="+", help="train only these runs (with --train-only)")
     parser.add_argument(
+        "--student-seeds", nargs="*", type=int, default=[], help="more seeds for the students"
+    )
+    parser.add_argument(
         "--train-threads",
         type=int,
         default=1,
@@ -99,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trained = {}
     torch.set_num_threads(args.train_threads)
-    for name, overrides in runs(args.work_dir).items():
+    seeds = seed_runs(args.work_dir, args.student_seeds)
+    for name, overrides in {**runs(args.work_dir), **seeds}.items():
         if args.only and name not in args.only:
             continue
         trained[name] = train_run(overrides, args.work_dir / name)
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from fasterseg_latency import bench_models, cpu_name  # after training: torch threads
 
     models = {}
-    for name in trained:
+    for name in runs(args.work_dir):
         checkpoint = args.work_dir / name / "last.pt"
         models[name] = model_from_checkpoint(load_checkpoint(checkpoint), str(checkpoint)).eval()
     torch.set_num_threads(args.threads)
@@ -123,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "benchmarks/fasterseg.py", *sys.argv[1:]]),
         "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count()},
         "recipe": {name: overrides for name, overrides in runs(args.work_dir).items()},
+        "student_seeds": {name: {**trained[name], "overrides": seeds[name]} for name in seeds},
         **measured,
     }
     text = json.dumps(report, indent=2)
