@@ -377,34 +377,29 @@ def run_data_prepare(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Predict images; the output directory is checked (never an input's) before any work."""
-    import numpy as np
-
     from leanseg.config import inference_options
-    from leanseg.data.palettes import voc_palette
     from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from leanseg.engine.predict import collect_images, predict_files, prepare_outputs
+    from leanseg.engine.predict import (
+        checkpoint_palette,
+        collect_images,
+        predict_files,
+        prepare_outputs,
+    )
     from leanseg.engine.runtime import select_device
-    from leanseg.errors import CheckpointError
 
     payload = load_checkpoint(args.checkpoint)
     cfg = _checkpoint_config(payload, None, args.overrides)
     paths = collect_images(args.inputs)
     out_dir = Path(args.output_dir)
     stems = prepare_outputs(paths, out_dir)
-    palette = payload.get("palette")  # the dataset's colours; older checkpoints: VOC's
-    palette = voc_palette(256) if palette is None else np.asarray(palette)
-    if palette.ndim != 2 or palette.shape[1] != 3 or not 1 <= palette.shape[0] <= 256:
-        raise CheckpointError(
-            f"checkpoint '{args.checkpoint}': palette has shape {tuple(palette.shape)}, "
-            "expected (K, 3) with K <= 256; re-save the checkpoint"
-        )
+    palette = checkpoint_palette(payload, args.checkpoint)
     device = select_device(cfg.train.device)
     model = model_from_checkpoint(payload, args.checkpoint).to(device)
     predict_files(
         model,
         paths,
         out_dir,
-        palette=palette.astype(np.uint8),
+        palette=palette,
         device=device,
         progress=args.progress,
         stems=stems,

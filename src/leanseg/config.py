@@ -485,11 +485,6 @@ def validate(cfg: Config) -> None:
         _check_range(key, get_key(cfg, key), rule)
     if cfg.data.scale_min > cfg.data.scale_max:
         raise ConfigError("config key 'data.scale_min': must be <= data.scale_max")
-    fraction = cfg.data.val_fraction
-    if fraction is not None and not 0 < fraction < 1:
-        raise ConfigError(
-            f"config key 'data.val_fraction': must be in (0, 1) or null, got {fraction}"
-        )
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(
             f"config key 'optim.min_lr': must be <= optim.lr ({cfg.optim.lr}), "
@@ -570,10 +565,11 @@ def _check_loss_weights(weights: dict[str, float] | None) -> None:
             raise ConfigError(f"config key 'loss.weights.{name}': must be >= 0, got {weight}")
 
 
-def _check_dataset(cfg: DataConfig) -> None:
-    """What ``data.dataset`` implies about the other data keys, without reading any file."""
-    from leanseg.data.build import DATASETS  # lazy: leanseg.data imports this module
-    from leanseg.data.camvid import CAMVID_VOID
+def check_data_keys(cfg: DataConfig) -> None:
+    """What ``data.dataset`` requires of the other data keys (CamVid's void label, a folder's
+    class count, a ``{split}`` list pattern); ``build_dataset`` checks it too, for configs made
+    without :func:`load_config`."""
+    from leanseg.data.camvid import CAMVID_VOID  # lazy: leanseg.data imports this module
 
     if cfg.dataset == "camvid" and cfg.ignore_index != CAMVID_VOID:
         raise ConfigError(
@@ -590,6 +586,13 @@ def _check_dataset(cfg: DataConfig) -> None:
             f"config key 'data.list_file': {cfg.list_file!r} must contain '{{split}}' "
             "(e.g. list/{split}.txt), so that train and val read different lists"
         )
+
+
+def _check_dataset(cfg: DataConfig) -> None:
+    """What ``data.dataset`` implies about the other data keys, without reading any file."""
+    from leanseg.data.build import DATASETS  # lazy: leanseg.data imports this module
+
+    check_data_keys(cfg)
     classes = cfg.num_classes or DATASETS[cfg.dataset].num_classes
     if classes is None:
         return  # folder + palette file: the class count is in the file

@@ -15,9 +15,9 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from leanseg.config import DataConfig
+from leanseg.config import DataConfig, check_data_keys
 from leanseg.data.ade20k import ADE20K_CLASSES, ADE20KSegmentation
-from leanseg.data.camvid import CAMVID_CLASSES, CAMVID_VOID, CamVidSegmentation
+from leanseg.data.camvid import CAMVID_CLASSES, CamVidSegmentation
 from leanseg.data.cifar10 import CIFAR10, CIFAR10_CLASSES
 from leanseg.data.cityscapes import CITYSCAPES_CLASSES, CityscapesSegmentation
 from leanseg.data.folder import FolderSegmentation, read_palette_file
@@ -56,14 +56,7 @@ def require_root(cfg: DataConfig) -> Path:
 
 
 def _list_file(cfg: DataConfig, split: str) -> str | None:
-    if cfg.list_file is None:
-        return None
-    if "{split}" not in cfg.list_file:
-        raise ConfigError(
-            f"config key 'data.list_file': {cfg.list_file!r} must contain '{{split}}' "
-            "(e.g. list/{split}.txt), so that train and val read different lists"
-        )
-    return cfg.list_file.replace("{split}", split)
+    return None if cfg.list_file is None else cfg.list_file.replace("{split}", split)
 
 
 def _options(cfg: DataConfig, split: str, train: bool, check_files: bool) -> dict[str, Any]:
@@ -96,26 +89,12 @@ def _synthetic(cfg: DataConfig, split: str, train: bool, check_files: bool) -> D
     return SyntheticSegmentation(root, split, **_options(cfg, split, train, check_files))
 
 
-def _camvid(cfg: DataConfig, split: str, train: bool, check_files: bool) -> Dataset:
-    if cfg.ignore_index != CAMVID_VOID:
-        raise ConfigError(
-            f"config key 'data.ignore_index': CamVid marks void with {CAMVID_VOID}; set "
-            f"data.ignore_index={CAMVID_VOID} (got {cfg.ignore_index})"
-        )
-    return _from_root(CamVidSegmentation)(cfg, split, train, check_files)
-
-
 def _folder(cfg: DataConfig, split: str, train: bool, check_files: bool) -> Dataset:
     options = _options(cfg, split, train, check_files)
     colours = None
     if cfg.palette_file:
         colours, names = read_palette_file(cfg.palette_file)
         options["class_names"] = cfg.class_names or names
-    elif not cfg.num_classes:
-        raise ConfigError(
-            "config key 'data.num_classes': required for dataset folder (or set "
-            "data.palette_file, one 'R G B name' line per class)"
-        )
     return FolderSegmentation(
         require_root(cfg),
         split,
@@ -144,7 +123,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "voc_aug": DatasetSpec(_from_root(VOCSegmentation, aug=True), len(VOC_CLASSES)),
     "cityscapes": DatasetSpec(_from_root(CityscapesSegmentation), len(CITYSCAPES_CLASSES)),
     "ade20k": DatasetSpec(_from_root(ADE20KSegmentation), len(ADE20K_CLASSES)),
-    "camvid": DatasetSpec(_camvid, len(CAMVID_CLASSES)),
+    "camvid": DatasetSpec(_from_root(CamVidSegmentation), len(CAMVID_CLASSES)),
     "folder": DatasetSpec(_folder, None),
     "cifar10": DatasetSpec(_cifar10, len(CIFAR10_CLASSES)),
 }
@@ -174,7 +153,9 @@ def build_dataset(cfg: DataConfig, split: str, *, train: bool, check_files: bool
     """One split, with the recipe's training augmentation or the evaluation transform.
 
     ``check_files=False`` skips the existence check of listed files (``check_dataset``)."""
-    dataset = _spec(cfg.dataset).build(cfg, split, train, check_files)
+    spec = _spec(cfg.dataset)
+    check_data_keys(cfg)
+    dataset = spec.build(cfg, split, train, check_files)
     pairs = getattr(dataset, "pairs", ())
     if train and any(mask is None for _, mask in pairs):
         raise DataError(

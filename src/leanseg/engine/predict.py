@@ -13,6 +13,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,14 +21,27 @@ from torch import nn
 from tqdm import tqdm
 
 from leanseg.data.image_io import read_image, write_image, write_mask_png
-from leanseg.data.palettes import colorize
+from leanseg.data.palettes import colorize, voc_palette
 from leanseg.data.transforms import ToTensorNormalize
 from leanseg.engine.inference import predict_probs
-from leanseg.errors import DataError
+from leanseg.errors import CheckpointError, DataError
 from leanseg.viz import overlay
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 OUTPUT_SUFFIXES = (".png", "_color.png", "_overlay.png")  # index, colour, overlay per image
+
+
+def checkpoint_palette(payload: dict[str, Any], source: str) -> np.ndarray:
+    """The ``K x 3`` uint8 colours a checkpoint records (its dataset's); VOC's for checkpoints
+    written before palettes were recorded. A malformed palette is a one-line CheckpointError."""
+    palette = payload.get("palette")
+    palette = voc_palette(256) if palette is None else np.asarray(palette)
+    if palette.ndim != 2 or palette.shape[1] != 3 or not 1 <= palette.shape[0] <= 256:
+        raise CheckpointError(
+            f"checkpoint '{source}': palette has shape {tuple(palette.shape)}, "
+            "expected (K, 3) with K <= 256; re-save the checkpoint"
+        )
+    return palette.astype(np.uint8)
 
 
 def collect_images(inputs: Iterable[str | Path]) -> list[Path]:

@@ -154,9 +154,7 @@ def truncate_metrics(path: Path, iteration: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
     return dropped
 
 

@@ -235,10 +235,11 @@ class Trainer:
     def _save(self, name: str) -> None:
         if not self.dist.is_main:
             return
+        payload = self._payload()
         bad = next(
             (
                 k
-                for k, v in self.model.state_dict().items()
+                for k, v in payload["state_dict"].items()
                 if v.is_floating_point() and not torch.isfinite(v).all()
             ),
             None,
@@ -249,7 +250,7 @@ class Trainer:
                 f"diverged; {name} was not written (the last good one is kept); "
                 f"{DIVERGENCE_FIX}"
             )
-        save_checkpoint(self.run_dir / name, self._payload())
+        save_checkpoint(self.run_dir / name, payload)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _payload(self) -> dict[str, Any]:
