@@ -61,6 +61,7 @@ NULL_OR_POSITIVE_INTS = [
     "eval.crop_size",
     "eval.stride",
     "eval.base_size",
+    "search.iterations_per_epoch",
 ]
 OTHER_OPTIONAL_INTS = {"acosp.end"}  # None or >= acosp.start (so 0 is valid)
 

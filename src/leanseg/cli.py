@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from leanseg import cli_search
 from leanseg.errors import LeansegError
 
 EXIT_USER_ERROR = 2
@@ -16,7 +17,7 @@ EXIT_INTERRUPTED = 130
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(cli_search.rewrite(list(sys.argv[1:] if argv is None else argv)))
     try:
         return args.func(args)
     except LeansegError as err:
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     shrink.add_argument("--checkpoint", required=True, help="a best.pt or last.pt of an ACoSP run")
     shrink.add_argument("-o", "--output", required=True, help="where the shrunk checkpoint goes")
     shrink.set_defaults(func=run_shrink)
+
+    cli_search.add_parsers(sub, _config_args)
 
     data = sub.add_parser("data", help="check or prepare a dataset")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

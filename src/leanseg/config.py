@@ -182,6 +182,45 @@ class AcospConfig:
 
 
 @dataclass
+class SearchConfig:
+    """FasterSeg architecture search (``leanseg search``; shared/methods/fasterseg.md §2-5).
+
+    The defaults are the original's Cityscapes search; configs/fasterseg_search_synthetic.yaml
+    is a small space that runs in minutes on a CPU. Training data, crop and batch are
+    ``data.*``, the segmentation loss ``loss.*`` (OHEM in the recipes), seed ``train.seed``.
+    """
+
+    layers: int = 16  # cells per row (scales 1/8, 1/16, 1/32)
+    fch: int = 12  # base width: a map at scale s has up to s * fch channels
+    width_choices: list[float] = field(
+        default_factory=lambda: [4 / 12, 6 / 12, 8 / 12, 10 / 12, 1.0]
+    )
+    pretrain_epochs: int = 20  # weights only
+    epochs: int = 30  # search: architecture and weight steps alternate
+    iterations_per_epoch: int | None = None  # null: one pass over split A per epoch
+    pretrained: str | None = None  # a search run's pretrain.pt: skip pretraining, start there
+    pretrain_lr: float = 0.02
+    lr: float = 0.01  # weight SGD in the search phase
+    lr_gamma: float = 0.978  # weight lr x this after each epoch
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    grad_clip: float = 5.0  # norm of the weight gradients (architecture parameters excluded)
+    arch_lr: float = 3e-4  # Adam, betas (0.5, 0.999), no weight decay
+    split_seed: int = 12345  # the seeded shuffle that splits train into A (weights), B (arch)
+    latency_table: str | None = None  # LUT JSON (`leanseg search lut`); required if weight > 0
+    latency_backend: str = "onnxruntime"  # what the table must have been measured with
+    latency_device: str = "cpu"
+    latency_size: list[int] = field(default_factory=lambda: [1024, 2048])  # H, W priced
+    latency_weight: float = 0.01  # lambda0 on the student's latency (ms); 0: no latency loss
+    latency_terms: list[float] = field(default_factory=lambda: [1.0, 497.0, 2.0])  # / sum
+    latency_legacy: bool = False  # the original's pricing (fasterseg.md §10 #1, §11)
+    adapt_lambda: bool = True  # halve / double lambda by the derived students' LUT FPS
+    fps_low: float = 155.0  # double lambda when a derived student is at or below this FPS
+    fps_high: float = 175.0  # halve it when one reaches this
+    target_latency_ms: float = 8.3  # branch selection: mIoU * (latency / target) ** -0.07
+
+
+@dataclass
 class Config:
     """The whole run: everything a run needs is in here and in the saved copy of it."""
 
@@ -194,6 +233,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     backrazor: BackRazorConfig = field(default_factory=BackRazorConfig)
     acosp: AcospConfig = field(default_factory=AcospConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -221,6 +261,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "backrazor.value_dtype": (None, "float16", "bfloat16"),
     "backrazor.bn": ("sparse", "dense", "frozen"),
     "acosp.unit": ("iteration", "epoch"),
+    "search.latency_backend": ("onnxruntime", "torch", "tensorrt"),
+    "search.latency_device": ("cpu", "cuda"),
 }
 
 
@@ -317,6 +359,26 @@ RANGES: dict[str, Range] = {
     "acosp.tau0": POSITIVE,
     "acosp.tau_final": POSITIVE,
     "acosp.min_keep": POSITIVE,
+    "search.layers": Range(6, note="3 scales and 2 downsamples need 6 layers"),
+    "search.fch": Range(1),
+    "search.width_choices": Range(0, 1, low_open=True, note="fractions of the full width"),
+    "search.pretrain_epochs": NON_NEGATIVE,
+    "search.epochs": NON_NEGATIVE,
+    "search.iterations_per_epoch": POSITIVE.with_note("null: one pass over split A"),
+    "search.pretrain_lr": POSITIVE,
+    "search.lr": POSITIVE,
+    "search.lr_gamma": Range(0, 1, low_open=True),
+    "search.momentum": FRACTION,
+    "search.weight_decay": NON_NEGATIVE,
+    "search.grad_clip": POSITIVE,
+    "search.arch_lr": POSITIVE,
+    "search.split_seed": SEED,
+    "search.latency_size": POSITIVE,
+    "search.latency_weight": NON_NEGATIVE.with_note("0: search without the latency loss"),
+    "search.latency_terms": NON_NEGATIVE,
+    "search.fps_low": POSITIVE,
+    "search.fps_high": POSITIVE,
+    "search.target_latency_ms": POSITIVE,
 }
 
 
@@ -508,6 +570,29 @@ def validate(cfg: Config) -> None:
     _check_dataset(cfg.data)
     _check_model(cfg.model)
     _check_teacher_model(cfg.distill)
+    _check_search(cfg.search)
+
+
+def _check_search(cfg: SearchConfig) -> None:
+    if len(cfg.latency_size) != 2:
+        raise ConfigError(
+            f"config key 'search.latency_size': got {cfg.latency_size}; give [height, width]"
+        )
+    if not cfg.width_choices or sorted(set(cfg.width_choices)) != list(cfg.width_choices):
+        raise ConfigError(
+            f"config key 'search.width_choices': got {cfg.width_choices}; give distinct "
+            "fractions in increasing order, e.g. [0.5, 1.0]"
+        )
+    if len(cfg.latency_terms) != 3 or not sum(cfg.latency_terms) > 0:
+        raise ConfigError(
+            f"config key 'search.latency_terms': got {cfg.latency_terms}; give three weights "
+            "(operators, paths, widths) with a positive sum, e.g. [1, 497, 2]"
+        )
+    if cfg.fps_low >= cfg.fps_high:
+        raise ConfigError(
+            f"config key 'search.fps_low': must be < search.fps_high ({cfg.fps_high}), "
+            f"got {cfg.fps_low}"
+        )
 
 
 def _check_range(key: str, value: Any, rule: Range) -> None:

@@ -179,18 +179,24 @@ def branch_widths(
     return widths
 
 
-def plan_cells(plan: BranchPlan, stem_width: float, head_width: float) -> tuple[CellSpec, ...]:
+def plan_cells(
+    plan: BranchPlan, stem_width: float, head_width: float, fch: int = FCH
+) -> tuple[CellSpec, ...]:
     """Channels of a branch's cells: stem width in, widths between, head width out."""
     cells = []
     n = len(plan.ops)
     for k in range(n):
         scale = 8 << plan.path[k]
         stride = 2 if k < n - 1 and plan.path[k + 1] > plan.path[k] else 1
-        c_in = num_filters(8, stem_width) if k == 0 else num_filters(scale, plan.widths[k - 1])
+        c_in = (
+            num_filters(8, stem_width, fch)
+            if k == 0
+            else num_filters(scale, plan.widths[k - 1], fch)
+        )
         c_out = (
-            num_filters(scale, head_width)
+            num_filters(scale, head_width, fch)
             if k == n - 1
-            else num_filters(scale * stride, plan.widths[k])
+            else num_filters(scale * stride, plan.widths[k], fch)
         )
         cells.append(CellSpec(plan.ops[k], scale, stride, c_in, c_out))
     return tuple(cells)
@@ -222,6 +228,7 @@ def derive(
     width_choices: Sequence[float] = WIDTH_CHOICES,
     allow_skip: bool = True,
     supernet_layers: bool = False,
+    fch: int = FCH,
     meta: Mapping[str, Any] | None = None,
 ) -> ArchSpec:
     """The network with branches ending at ``branches`` (in fusion order) as an ArchSpec.
@@ -229,7 +236,7 @@ def derive(
     ``stem_width`` / ``head_width``: multipliers of the stem output and of each branch's last
     cell (student 8/12, teacher 1). ``width_choices``: what gamma's columns mean (ignored when
     gamma has one column: full width). ``allow_skip=False`` for the teacher.
-    ``supernet_layers``: see the module docstring (beta indexing).
+    ``supernet_layers``: see the module docstring (beta indexing). ``fch``: the base width.
     """
     _check_shapes(alphas, betas, ratios)
     layers = len(alphas[0])
@@ -246,12 +253,12 @@ def derive(
         path = branch_path(betas, last, layers, supernet_layers=supernet_layers)
         widths = branch_widths(ratios, path, choices)
         plan = branch_plan(alphas, path, widths, allow_skip=allow_skip)
-        branch_cells = plan_cells(plan, stem_width, head_width)
+        branch_cells = plan_cells(plan, stem_width, head_width, fch)
         specs.append(BranchSpec(scale, branch_cells, _shares(branch_cells, cells)))
         cells.append(branch_cells)
-    stem = (2 * num_filters(2, stem_width), 2 * num_filters(4, stem_width))
-    stem_spec = (*stem, num_filters(8, stem_width))
-    agg = {s: num_filters(s, head_width) for s in (8, 16, 32) if s <= max(branches)}
+    stem = (2 * num_filters(2, stem_width, fch), 2 * num_filters(4, stem_width, fch))
+    stem_spec = (*stem, num_filters(8, stem_width, fch))
+    agg = {s: num_filters(s, head_width, fch) for s in (8, 16, 32) if s <= max(branches)}
     fusion = agg[8] * len(branches)
     draft = ArchSpec(stem_spec, tuple(specs), HeadSpec(agg, fusion, head_mid(fusion)))
     aux_in = draft.aux_in_widths()
