@@ -3,8 +3,9 @@
 - **Split.** The training split is shuffled with ``search.split_seed`` and halved: A trains the
   weights, B the architecture parameters; each half has its own resumable loader.
 - **Pretrain** (``search.pretrain_epochs``): weight steps only, on A
-  (:meth:`Supernet.pretrain_loss`), SGD at ``search.pretrain_lr``. At its end ``pretrain.pt`` is written; a later search can start
-  from it (``search.pretrained``) with the same weights and random state.
+  (:meth:`Supernet.pretrain_loss`), SGD at ``search.pretrain_lr``. At its end ``pretrain.pt``
+  is written; a later search can start from it (``search.pretrained``) with the same weights
+  and random state.
 - **Search** (``search.epochs``), each iteration: an architecture step on a B batch (Adam per
   architecture on the search loss plus lambda x the student's decoupled latency), every
   gradient zeroed, then an SGD weight step on an A batch with the weight gradients (only) clipped.
