@@ -185,19 +185,20 @@ class AcospConfig:
 class SearchConfig:
     """FasterSeg architecture search (``leanseg search``; shared/methods/fasterseg.md §2-5).
 
-    The defaults are the original's Cityscapes search; configs/fasterseg_search_synthetic.yaml
-    is a small space that runs in minutes on a CPU. Training data, crop and batch are
-    ``data.*``, the segmentation loss ``loss.*`` (OHEM in the recipes), seed ``train.seed``.
+    The defaults are a small space that searches the synthetic dataset in minutes on a CPU
+    (configs/fasterseg_search_synthetic.yaml); configs/fasterseg_search_cityscapes.yaml has the
+    original's values. Training data, crop and batch are ``data.*``, the segmentation loss
+    ``loss.*`` (OHEM in the recipes), the seed ``train.seed``.
     """
 
-    layers: int = 16  # cells per row (scales 1/8, 1/16, 1/32)
-    fch: int = 12  # base width: a map at scale s has up to s * fch channels
+    layers: int = 8  # cells per row (scales 1/8, 1/16, 1/32); the original: 16
+    fch: int = 6  # base width: a map at scale s has up to s * fch channels; the original: 12
     width_choices: list[float] = field(
         default_factory=lambda: [4 / 12, 6 / 12, 8 / 12, 10 / 12, 1.0]
     )
-    pretrain_epochs: int = 20  # weights only
-    epochs: int = 30  # search: architecture and weight steps alternate
-    iterations_per_epoch: int | None = None  # null: one pass over split A per epoch
+    pretrain_epochs: int = 2  # weights only; the original: 20
+    epochs: int = 4  # search: architecture and weight steps alternate; the original: 30
+    iterations_per_epoch: int | None = 25  # null: one pass over split A per epoch
     pretrained: str | None = None  # a search run's pretrain.pt: skip pretraining, start there
     pretrain_lr: float = 0.02
     lr: float = 0.01  # weight SGD in the search phase
@@ -210,7 +211,7 @@ class SearchConfig:
     latency_table: str | None = None  # LUT JSON (`leanseg search lut`); required if weight > 0
     latency_backend: str = "onnxruntime"  # what the table must have been measured with
     latency_device: str = "cpu"
-    latency_size: list[int] = field(default_factory=lambda: [1024, 2048])  # H, W priced
+    latency_size: list[int] = field(default_factory=lambda: [512, 1024])  # H, W priced
     latency_weight: float = 0.01  # lambda0 on the student's latency (ms); 0: no latency loss
     latency_terms: list[float] = field(default_factory=lambda: [1.0, 497.0, 2.0])  # / sum
     latency_legacy: bool = False  # the original's pricing (fasterseg.md §10 #1, §11)
