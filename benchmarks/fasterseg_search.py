@@ -25,6 +25,7 @@ the student's predicted latency and val mIoU over the search epochs (``.png``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -73,8 +74,11 @@ def measure_lut(path: Path, threads: int) -> dict[str, Any]:
         threads=threads,
         size=SIZE,
         num_classes=19,
-        extra={"note": "the original's space and configs/fasterseg_search_synthetic.yaml's, "
-               "heads for 7 and 19 classes", "measure_seconds": seconds},
+        extra={
+            "note": "the original's space and configs/fasterseg_search_synthetic.yaml's, "
+            "heads for 7 and 19 classes",
+            "measure_seconds": seconds,
+        },
         **TIMING,
     )
     write_lut(path, entries, meta, overwrite=True)
@@ -89,7 +93,8 @@ def search(work: Path, name: str, overrides: list[str]) -> Path:
         return Path(json.loads(done.read_text())["run_dir"])
     cfg = load_config(RECIPE, [f"train.work_dir={work}", f"train.name={name}", *overrides])
     start = time.perf_counter()
-    real_dir, _, _ = start_search(cfg, progress=False, say=lambda text: print(text, file=sys.stderr))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout stays pure JSON
+        real_dir, _, _ = start_search(cfg, progress=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps({"run_dir": str(real_dir), "seconds": time.perf_counter() - start}))
     return real_dir

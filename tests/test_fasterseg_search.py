@@ -45,6 +45,10 @@ SIZE = (64, 128)  # what the LUT's keys are for (independent of the training cro
 SCALES = (8, 16, 32)
 ONNX_CPU = {"backend": "onnxruntime", "device": "cpu"}
 
+# one intra-op thread (tests/conftest.py): on this shared 2-core machine two threads made the
+# tiny searches ~30x slower
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def fake_entries(space: SearchSpace, seed: int = 0) -> dict[str, float]:
     rng = random.Random(seed)
@@ -154,7 +158,7 @@ def derive_direct(space: SearchSpace, arch: str, tensors: dict, branches: tuple[
 def test_one_hot_supernet_latency_is_the_derived_networks_lut_sum(space, table, seed):
     rng = random.Random(seed)
     net = Supernet(CLASSES, space)
-    for k, setting in enumerate(space.archs):
+    for k in range(len(space.archs)):
         params = net.arch_params
         for j in range(3):
             rows = params[f"alpha_{k}_{j}"].shape[0]
@@ -252,9 +256,8 @@ def test_legacy_prices_zoomed_conv_x2_as_conv_x2(space, table):
     assert len(lacking) < len(table.entries)
     bare = LatencyTable(lacking, dict(ONNX_CPU), "no zoomed x2")
     set_op("zoomed_conv_x2")
-    assert SupernetLatency(net, bare, SIZE, legacy=True).total("student").item() == (
-        totals[(True, "zoomed_conv_x2")]
-    )
+    unread = SupernetLatency(net, bare, SIZE, legacy=True).total("student").item()
+    assert unread == totals[(True, "zoomed_conv_x2")]
     with pytest.raises(ConfigError, match="entries missing"):
         SupernetLatency(net, bare, SIZE)
 
@@ -314,9 +317,7 @@ def test_arch_step_adds_only_the_students_latency(files, tmp_path, monkeypatch):
     )
     priced = []
     decoupled = latency.decoupled
-    monkeypatch.setattr(
-        latency, "decoupled", lambda arch: priced.append(arch) or decoupled(arch)
-    )
+    monkeypatch.setattr(latency, "decoupled", lambda arch: priced.append(arch) or decoupled(arch))
     captured: dict[str, torch.Tensor | None] = {}
 
     def capture():
@@ -459,6 +460,18 @@ def test_resume_mid_search_matches_a_straight_run(files, straight):
         straight_record = json.loads((run_dir / "arch" / name).read_text())
         assert json.loads((stopped_dir / "arch" / name).read_text()) == straight_record
     assert resumed.lam == searcher.lam
+
+
+def test_search_can_start_from_pretrain_pt(files, straight, tmp_path):
+    run_dir, _ = straight
+    pretrained = run_dir / "pretrain.pt"
+    assert pretrained.is_file()
+    args = search_args(files, tmp_path / "work", f"search.pretrained={pretrained}")
+    searcher = Searcher(load_config(None, args), None, progress=False)
+    assert searcher.phase == "search" and searcher.a_steps == 2
+    saved = torch.load(pretrained, weights_only=True)["state_dict"]
+    for key, value in searcher.supernet.state_dict().items():
+        assert torch.equal(value, saved[key]), key
 
 
 # ---------------------------------------------------------------- 9. the sandwich rule

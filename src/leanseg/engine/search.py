@@ -457,6 +457,7 @@ class Searcher:
     def _payload(self, kind: str) -> dict[str, Any]:
         return {
             "kind": kind,
+            "model": "fasterseg_supernet",  # not a registered model: eval / predict refuse it
             "config": to_dict(self.cfg),
             "space": _space_dict(self.space),
             "num_classes": self.num_classes,
