@@ -59,9 +59,9 @@ def add_parsers(sub: argparse._SubParsersAction, config_args: Callable) -> None:
 
 def run_search(args: argparse.Namespace) -> int:
     from leanseg.config import load_config
-    from leanseg.engine.search import SearchInterrupted
     from leanseg.engine.search_run import start_search
     from leanseg.engine.train_run import resume_paths
+    from leanseg.engine.trainer import Interrupted
 
     resume = Path(args.resume) if args.resume else None
     if resume is not None:
@@ -73,9 +73,9 @@ def run_search(args: argparse.Namespace) -> int:
         run_dir, _, summary = start_search(
             cfg, resume=resume, stop_at=args.stop_at, progress=args.progress
         )
-    except SearchInterrupted as stop:
+    except Interrupted as stop:
         print(
-            f"leanseg: {stop.signal_name} at step {stop.step}: {stop.checkpoint} written; "
+            f"leanseg: {stop.signal_name} at step {stop.iteration}: {stop.checkpoint} written; "
             f"continue with: leanseg search --resume {stop.checkpoint.parent}"
         )
         return EXIT_INTERRUPTED

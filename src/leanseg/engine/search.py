@@ -39,7 +39,8 @@ from leanseg.engine.run_dir import truncate_metrics, write_text_atomic
 from leanseg.engine.run_log import RunLog
 from leanseg.engine.runtime import rng_state, seed_everything, select_device, set_rng_state
 from leanseg.engine.stop_signal import StopOnSignal
-from leanseg.errors import CheckpointError, ConfigError, LeansegError
+from leanseg.engine.trainer import Interrupted, TrainingDiverged
+from leanseg.errors import CheckpointError, ConfigError
 from leanseg.methods.fasterseg.handover import PREDICTION_INDEX, candidates, choose
 from leanseg.methods.fasterseg.latency import load_lut
 from leanseg.methods.fasterseg.lut_measure import check_table_matches
@@ -54,18 +55,6 @@ from leanseg.models.fasterseg.spec import dumps_spec
 
 PREDICTIONS = ("8", "16", "32", "8+32", "16+32")
 ARCH_FORMAT = "leanseg.fasterseg.search_arch"
-
-
-class SearchDiverged(LeansegError):
-    """A search loss became NaN or infinite; nothing of that state was saved."""
-
-
-class SearchInterrupted(Exception):
-    """A signal stopped the search at an iteration boundary, after ``last.pt`` was written."""
-
-    def __init__(self, signal_name: str, step: int, checkpoint: Path) -> None:
-        super().__init__(f"{signal_name} at step {step}")
-        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
 
 
 def search_space(cfg: Config) -> SearchSpace:
@@ -306,9 +295,7 @@ class Searcher:
                 bar.close()
                 self.log.close()
         if stop.requested and self.step < end:
-            raise SearchInterrupted(
-                stop.signal_name or "signal", self.step, self.run_dir / "last.pt"
-            )
+            raise Interrupted(stop.signal_name or "signal", self.step, self.run_dir / "last.pt")
         return summary
 
     def _next_phase(self) -> None:
@@ -508,7 +495,7 @@ def _space_dict(space: SearchSpace) -> dict[str, Any]:
 
 def _check_finite(loss: torch.Tensor, which: str, step: int) -> None:
     if not math.isfinite(loss.item()):
-        raise SearchDiverged(
+        raise TrainingDiverged(
             f"the {which} loss is {loss.item()} at step {step + 1}: the search diverged and "
             "nothing of it was saved; lower search.lr / search.arch_lr"
         )

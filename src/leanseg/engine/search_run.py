@@ -13,15 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from leanseg.config import Config, to_yaml
-from leanseg.engine.run_dir import (
-    check_work_dir,
-    claim,
-    new_run_dir,
-    remove_stale_temporaries,
-    write_text_atomic,
-)
+from leanseg.engine.run_dir import check_work_dir, claim, new_run_dir, write_text_atomic
 from leanseg.engine.search import ARCH_FORMAT, Searcher
-from leanseg.engine.train_run import Say, resume_paths
+from leanseg.engine.train_run import Say, resume_paths, tidy_resumed
 from leanseg.errors import ConfigError
 from leanseg.methods.fasterseg.handover import derive_branches
 from leanseg.methods.fasterseg.supernet import SearchSpace
@@ -52,13 +46,7 @@ def start_search(
                     f"--stop-at {stop_at}: the search is already at step {searcher.step}; "
                     "pass a later step"
                 )
-            count, size = remove_stale_temporaries(run_dir)
-            if count:
-                say(
-                    f"removed {count} temporary file(s) of interrupted writes ({size / 1e6:.1f} MB)"
-                )
-            if to_yaml(cfg) != (run_dir / "config.yaml").read_text():
-                write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
+            tidy_resumed(run_dir, cfg, say)
         except BaseException:
             lock.release()
             raise

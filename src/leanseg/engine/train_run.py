@@ -108,14 +108,7 @@ def _resume(
                 "pass a later iteration"
             )
         if info.is_main:
-            count, size = remove_stale_temporaries(run_dir)
-            if count:
-                say(
-                    f"removed {count} temporary file(s) of interrupted writes ({size / 1e6:.1f} MB)"
-                )
-            saved = (run_dir / "config.yaml").read_text()
-            if to_yaml(cfg) != saved:  # overrides given with --resume: record them
-                write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
+            tidy_resumed(run_dir, cfg, say)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -124,6 +117,16 @@ def _resume(
     say(f"run directory: {run_dir}")
     say(f"resumed at {where}")
     return _fit(trainer, run_dir, lock, stop_at, say, announced=True)
+
+
+def tidy_resumed(run_dir: Path, cfg: Config, say: Say) -> None:
+    """A resumed run, once its checkpoint loaded: remove the temporaries of interrupted writes
+    and record overrides given with ``--resume`` in its config.yaml."""
+    count, size = remove_stale_temporaries(run_dir)
+    if count:
+        say(f"removed {count} temporary file(s) of interrupted writes ({size / 1e6:.1f} MB)")
+    if to_yaml(cfg) != (run_dir / "config.yaml").read_text():
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
 
 def _fit(
