@@ -1,0 +1,142 @@
+"""One-image (and list) inference: ``Predictor.from_checkpoint(path)(image) -> label map``.
+
+The Predictor is the one object that turns a leanseg checkpoint into predictions: it rebuilds
+the model (every kind of checkpoint :func:`~leanseg.engine.checkpoint.model_from_checkpoint`
+rebuilds), keeps the checkpoint's class names, palette and ``eval`` settings (whole image,
+sliding window, multi-scale + flip; overridable), normalises images the way training did and
+returns label maps at the input size. ``leanseg predict`` goes through it.
+
+::
+
+    from leanseg import Predictor
+    predictor = Predictor.from_checkpoint("runs/x/best.pt")
+    labels = predictor("street.jpg")              # HxW int64 array
+    probs = predictor.predict_proba(image_array)  # KxHxW float32, image: HxWx3 uint8 RGB
+    many = predictor(["a.png", "b.png"])          # a list of label maps (batched by size)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from leanseg.config import inference_options, load_config
+from leanseg.data.image_io import read_image
+from leanseg.data.transforms import ToTensorNormalize
+from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from leanseg.engine.inference import predict_probs
+from leanseg.engine.predict import checkpoint_palette
+from leanseg.engine.runtime import select_device
+from leanseg.errors import DataError
+
+Image = np.ndarray | str | os.PathLike
+
+
+class Predictor:
+    """A model with its class names, palette, device and inference settings."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        class_names: Sequence[str],
+        palette: np.ndarray,
+        device: torch.device,
+        inference: dict[str, Any] | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        """``inference``: :func:`~leanseg.engine.inference.predict_probs` options (mode,
+        scales, flip, crop_size, stride, base_size); ``batch_size``: images of the same size
+        run together, this many at a time."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size: got {batch_size}; must be >= 1")
+        self.model = model.to(device).eval()
+        self.class_names = list(class_names)
+        self.palette = palette
+        self.device = device
+        self.inference = dict(inference or {})
+        self.batch_size = batch_size
+        self._to_tensor = ToTensorNormalize()
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str = "auto",
+        overrides: Sequence[str] = (),
+        batch_size: int = 8,
+    ) -> Predictor:
+        """A Predictor from a ``best.pt`` / ``last.pt`` (or a shrunk checkpoint);
+        ``overrides`` are dotted config keys applied to the checkpoint's config, e.g.
+        ``["eval.flip=true", "eval.scales=[0.75,1.0,1.25]"]``."""
+        source = str(path)
+        payload = load_checkpoint(path)
+        cfg = load_config(None, list(overrides), base=payload["config"])
+        model = model_from_checkpoint(payload, source)
+        names = payload.get("class_names") or [str(i) for i in range(payload["num_classes"])]
+        return cls(
+            model,
+            class_names=names,
+            palette=checkpoint_palette(payload, source),
+            device=select_device(device if device != "auto" else cfg.train.device),
+            inference=inference_options(cfg.eval),
+            batch_size=batch_size,
+        )
+
+    # ------------------------------------------------------------------ prediction
+
+    def __call__(self, images: Image | Sequence[Image]) -> np.ndarray | list[np.ndarray]:
+        """Label maps (``HxW`` int64, at each image's size) of one image or a list."""
+        probs = self.predict_proba(images)
+        if isinstance(probs, list):
+            return [p.argmax(0) for p in probs]
+        return probs.argmax(0)
+
+    def predict_proba(self, images: Image | Sequence[Image]) -> np.ndarray | list[np.ndarray]:
+        """Class probabilities (``KxHxW`` float32) of one image or a list of them."""
+        if _is_single(images):
+            return self._batch([self._array(images)])[0]
+        arrays = [self._array(image) for image in images]
+        result: list[np.ndarray | None] = [None] * len(arrays)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, array in enumerate(arrays):
+            by_size.setdefault(array.shape[:2], []).append(i)
+        for indices in by_size.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                for i, probs in zip(chunk, self._batch([arrays[i] for i in chunk]), strict=True):
+                    result[i] = probs
+        return result  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _batch(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        tensors = [self._to_tensor(a, np.zeros(a.shape[:2], np.uint8))[0] for a in arrays]
+        batch = torch.stack(tensors).to(self.device)
+        probs = predict_probs(self.model, batch, **self.inference)
+        return list(probs.float().cpu().numpy())
+
+    def _array(self, image: Image) -> np.ndarray:
+        """An ``HxWx3`` uint8 RGB array from an array or an image file."""
+        if isinstance(image, (str, os.PathLike)):
+            return read_image(Path(image))
+        if not isinstance(image, np.ndarray):
+            raise DataError(
+                f"image: got {type(image).__name__}; pass an HxWx3 uint8 RGB array or a path"
+            )
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise DataError(
+                f"image: got a {image.dtype} array of shape {image.shape}; pass HxWx3 uint8 RGB"
+            )
+        return image
+
+
+def _is_single(images: Any) -> bool:
+    """Anything but a list or tuple is one image (checked by ``Predictor._array``)."""
+    return not isinstance(images, (list, tuple))
