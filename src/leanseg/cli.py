@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from leanseg import cli_search
+from leanseg import cli_export, cli_search
 from leanseg.errors import LeansegError
 
 EXIT_USER_ERROR = 2
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     shrink.set_defaults(func=run_shrink)
 
     cli_search.add_parsers(sub, _config_args)
+    cli_export.add_parsers(sub)
 
     data = sub.add_parser("data", help="check or prepare a dataset")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -380,33 +381,20 @@ def run_data_prepare(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Predict images; the output directory is checked (never an input's) before any work."""
-    from leanseg.config import inference_options
-    from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from leanseg.engine.predict import (
-        checkpoint_palette,
-        collect_images,
-        predict_files,
-        prepare_outputs,
-    )
-    from leanseg.engine.runtime import select_device
+    from leanseg.engine.predict import collect_images, predict_files, prepare_outputs
+    from leanseg.predictor import Predictor
 
-    payload = load_checkpoint(args.checkpoint)
-    cfg = _checkpoint_config(payload, None, args.overrides)
+    predictor = Predictor.from_checkpoint(args.checkpoint, overrides=args.overrides)
     paths = collect_images(args.inputs)
     out_dir = Path(args.output_dir)
     stems = prepare_outputs(paths, out_dir)
-    palette = checkpoint_palette(payload, args.checkpoint)
-    device = select_device(cfg.train.device)
-    model = model_from_checkpoint(payload, args.checkpoint).to(device)
     predict_files(
-        model,
+        predictor,
         paths,
         out_dir,
-        palette=palette,
-        device=device,
+        palette=predictor.palette,
         progress=args.progress,
         stems=stems,
-        **inference_options(cfg.eval),
     )
     print(f"wrote {len(paths)} predictions (index, colour, overlay PNGs) to {out_dir}")
     return 0

@@ -16,14 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 from tqdm import tqdm
 
 from leanseg.data.image_io import read_image, write_image, write_mask_png
 from leanseg.data.palettes import colorize, voc_palette
-from leanseg.data.transforms import ToTensorNormalize
-from leanseg.engine.inference import predict_probs
 from leanseg.errors import CheckpointError, DataError
 from leanseg.viz import overlay
 
@@ -165,29 +161,24 @@ def _write(path: Path, write: Callable[..., None], *args: object) -> None:
         tmp.unlink(missing_ok=True)
 
 
-@torch.no_grad()
 def predict_files(
-    model: nn.Module,
+    labels_of: Callable[[np.ndarray], np.ndarray],
     paths: list[Path],
     out_dir: Path,
     *,
     palette: np.ndarray,
-    device: torch.device,
     progress: bool | None = True,
     stems: list[str] | None = None,
-    **inference: object,
 ) -> list[Path]:
     """Write ``<stem>.png`` (index), ``<stem>_color.png`` and ``<stem>_overlay.png`` per image.
 
-    ``progress`` None: a progress bar only when stderr is a terminal. ``stems`` come from
-    :func:`prepare_outputs` (which runs here when they are not given);
-    ``palette`` colours the index PNG's palette, the colour PNG and the overlay.
-    ``inference`` holds :func:`predict_probs` options (mode, scales, flip, crop_size, ...).
+    ``labels_of`` maps an ``HxWx3`` uint8 image to its ``HxW`` label map (a
+    :class:`leanseg.Predictor`). ``progress`` None: a progress bar only when stderr is a
+    terminal. ``stems`` come from :func:`prepare_outputs` (which runs here when they are not
+    given); ``palette`` colours the index PNG's palette, the colour PNG and the overlay.
     """
     if stems is None:
         stems = prepare_outputs(paths, out_dir)
-    to_tensor = ToTensorNormalize()
-    model.eval()
     written = []
     for path, stem in zip(
         tqdm(paths, desc="predict", disable=None if progress is None else not progress),
@@ -195,9 +186,7 @@ def predict_files(
         strict=True,
     ):
         image = read_image(path)
-        tensor, _ = to_tensor(image, np.zeros(image.shape[:2], np.uint8))
-        probs = predict_probs(model, tensor.unsqueeze(0).to(device), **inference)
-        pred = probs.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        pred = labels_of(image).astype(np.uint8)
         color = colorize(pred, palette)
         index, color_path, overlay_path = (out_dir / f"{stem}{s}" for s in OUTPUT_SUFFIXES)
         _write(index, write_mask_png, pred, palette)
