@@ -1,6 +1,7 @@
 """leanseg: semantic segmentation that is lean in memory, size and time."""
 
 from leanseg.errors import CheckpointError, ConfigError, DataError, LeansegError
+from leanseg.fuse import fuse_bn
 from leanseg.models import build_model, list_models, load_pretrained
 
 __version__ = "0.1.0"
@@ -11,6 +12,7 @@ __all__ = [
     "DataError",
     "LeansegError",
     "build_model",
+    "fuse_bn",
     "list_models",
     "load_pretrained",
     "__version__",

@@ -50,11 +50,19 @@ class _Logits(nn.Module):
         return out["out"] if isinstance(out, dict) else out
 
 
-def export_onnx(model: nn.Module, images: torch.Tensor) -> bytes:
+def export_onnx(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+    opset: int | None = None,
+) -> bytes:
     """The eval-mode ``model`` (its ``"out"`` logits) as ONNX bytes, for ``images``' shape.
 
     TorchScript-based ``torch.onnx.export`` with static shapes (input ``"image"``, output
     ``"logits"``), as tests/test_models.py exports every model; its deprecation notes are muted.
+    ``dynamic_axes`` (``{"image": {0: "batch", ...}, "logits": {...}}``) makes those axes
+    symbolic; ``opset`` picks the ONNX opset (default: the exporter's).
     """
     was_training = model.training
     model.eval()
@@ -70,6 +78,8 @@ def export_onnx(model: nn.Module, images: torch.Tensor) -> bytes:
                 dynamo=False,
                 input_names=["image"],
                 output_names=["logits"],
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
             )
     finally:
         model.train(was_training)
