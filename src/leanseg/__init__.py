@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "Predictor",
     "ConfigError",
     "DataError",
     "LeansegError",
@@ -17,3 +18,12 @@ __all__ = [
     "load_pretrained",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """``leanseg.Predictor`` is imported on first use (it pulls in the engine)."""
+    if name == "Predictor":
+        from leanseg.predictor import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'leanseg' has no attribute {name!r}")
