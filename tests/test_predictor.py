@@ -124,3 +124,111 @@ def test_missing_file_is_a_one_line_error(checkpoint, tmp_path):
     with pytest.raises(DataError) as info:
         predictor(tmp_path / "nope.png")
     assert "nope.png" in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- the ONNX backend (item 2)
+
+
+@pytest.fixture(scope="module")
+def exports(checkpoint, tmp_path_factory) -> dict[str, Path]:
+    from leanseg.export import export_checkpoint
+
+    folder = tmp_path_factory.mktemp("onnx")
+    dynamic, fixed = folder / "dynamic.onnx", folder / "fixed.onnx"
+    with torch.no_grad():
+        export_checkpoint(checkpoint, dynamic, size=(32, 32), dynamic=True)
+        export_checkpoint(checkpoint, fixed, size=(24, 30))
+    return {"dynamic": dynamic, "fixed": fixed}
+
+
+def test_onnx_predictor_equals_the_checkpoint(checkpoint, exports):
+    torch_predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    onnx_predictor = Predictor.from_checkpoint(exports["dynamic"], device="cpu")
+    assert onnx_predictor.class_names == ["sky", "road", "car"]
+    np.testing.assert_array_equal(onnx_predictor.palette, PALETTE)
+    images = [_image(29, 35, 7), _image(24, 30, 8), _image(29, 35, 9)]
+    for ours, theirs in zip(
+        onnx_predictor.predict_proba(images), torch_predictor.predict_proba(images), strict=True
+    ):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_fixed_size_onnx_slides_its_windows_over_any_image(checkpoint, exports):
+    onnx_predictor = Predictor.from_checkpoint(exports["fixed"], device="cpu")
+    assert onnx_predictor.inference["mode"] == "slide"
+    assert onnx_predictor.inference["crop_size"] == (24, 30)
+    same = Predictor.from_checkpoint(
+        checkpoint,
+        device="cpu",
+        overrides=["eval.mode=slide", "eval.crop_size=24", "eval.stride=16"],
+    )
+    image = _image(24, 30, 10)  # exactly one window: equal to whole-image prediction
+    np.testing.assert_allclose(
+        onnx_predictor.predict_proba(image),
+        Predictor.from_checkpoint(checkpoint, device="cpu").predict_proba(image),
+        atol=1e-4,
+    )
+    assert onnx_predictor(_image(40, 50, 11)).shape == (40, 50)
+    assert same.inference["mode"] == "slide"
+
+
+def test_fixed_size_onnx_refuses_another_size_in_whole_mode(exports):
+    whole = Predictor.from_checkpoint(exports["fixed"], device="cpu", overrides=["eval.mode=whole"])
+    with pytest.raises(DataError) as info:
+        whole(_image(40, 50, 12))
+    message = str(info.value)
+    assert "24x30" in message and "40x50" in message and "\n" not in message
+
+
+def test_predict_through_onnx_writes_the_checkpoints_pngs(checkpoint, exports, tmp_path):
+    from leanseg.cli import main
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, (h, w) in enumerate([(29, 35), (24, 30)]):
+        cv2.imwrite(str(inputs / f"img{i}.png"), _image(h, w, 20 + i))
+    out_ckpt, out_onnx = tmp_path / "ckpt", tmp_path / "onnx"
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(checkpoint),
+                str(inputs),
+                "-o",
+                str(out_ckpt),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(exports["dynamic"]),
+                str(inputs),
+                "-o",
+                str(out_onnx),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    names = sorted(p.name for p in out_ckpt.iterdir())
+    assert names == sorted(p.name for p in out_onnx.iterdir()) and len(names) == 6
+    for name in names:
+        assert (out_ckpt / name).read_bytes() == (out_onnx / name).read_bytes(), name
+
+
+def test_corrupt_onnx_is_a_one_line_error(tmp_path, capsys):
+    from leanseg.cli import main
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file at all")
+    image = tmp_path / "x.png"
+    cv2.imwrite(str(image), _image(16, 16, 1))
+    assert main(["predict", "--checkpoint", str(bad), str(image), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.onnx" in err and "\n" not in err

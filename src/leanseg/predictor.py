@@ -73,10 +73,12 @@ class Predictor:
         overrides: Sequence[str] = (),
         batch_size: int = 8,
     ) -> Predictor:
-        """A Predictor from a ``best.pt`` / ``last.pt`` (or a shrunk checkpoint);
-        ``overrides`` are dotted config keys applied to the checkpoint's config, e.g.
-        ``["eval.flip=true", "eval.scales=[0.75,1.0,1.25]"]``."""
+        """A Predictor from a ``best.pt`` / ``last.pt`` (or a shrunk checkpoint) or a
+        ``leanseg export`` ``.onnx`` file (run in onnxruntime); ``overrides`` are dotted config
+        keys applied to the checkpoint's config, e.g. ``["eval.flip=true"]``."""
         source = str(path)
+        if source.endswith(".onnx"):
+            return cls._from_onnx(Path(path), device, overrides, batch_size)
         payload = load_checkpoint(path)
         cfg = load_config(None, list(overrides), base=payload["config"])
         model = model_from_checkpoint(payload, source)
@@ -87,6 +89,43 @@ class Predictor:
             palette=checkpoint_palette(payload, source),
             device=select_device(device if device != "auto" else cfg.train.device),
             inference=inference_options(cfg.eval),
+            batch_size=batch_size,
+        )
+
+    @classmethod
+    def _from_onnx(
+        cls, path: Path, device: str, overrides: Sequence[str], batch_size: int
+    ) -> Predictor:
+        """An ONNX export: class names and palette from its metadata; a fixed-size export
+        predicts by sliding windows of its size (any image size), a dynamic one whole."""
+        from leanseg.export import read_metadata
+        from leanseg.onnx_model import OnnxSegmenter
+
+        if not path.is_file():
+            raise DataError(f"'{path}' not found: pass a leanseg export .onnx file")
+        try:
+            metadata = read_metadata(path)
+        except Exception as err:  # onnx raises its own decode errors
+            raise DataError(
+                f"'{path}' is not a readable ONNX file ({type(err).__name__})"
+            ) from None
+        if "num_classes" not in metadata:
+            raise DataError(f"'{path}' has no leanseg metadata; export it with `leanseg export`")
+        cfg = load_config(None, list(overrides))
+        inference = inference_options(cfg.eval)
+        size = metadata.get("input_size", "dynamic")
+        if size != "dynamic" and not any(o.startswith("eval.mode=") for o in overrides):
+            h, w = int(size[0]), int(size[1])  # windows of the export size, 2/3 overlap
+            inference.update(
+                mode="slide", crop_size=(h, w), stride=(-(-2 * h // 3), -(-2 * w // 3))
+            )
+        torch_device = select_device(device if device != "auto" else cfg.train.device)
+        return cls(
+            OnnxSegmenter(path, metadata, torch_device),
+            class_names=metadata.get("class_names") or [],
+            palette=np.asarray(metadata["palette"], np.uint8).reshape(-1, 3),
+            device=torch_device,
+            inference=inference,
             batch_size=batch_size,
         )
 
