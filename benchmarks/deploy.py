@@ -1,0 +1,242 @@
+"""Deployment latency on this CPU: torch eager, torch with fused BN, and onnxruntime.
+
+    python benchmarks/deploy.py [--sizes 512x512 512x1024 1024x2048] [--threads 1 2]
+        [--models NAME ...] [--runs 10] [--warmup 2] [--out PATH] [--quick]
+
+Batch-1 forward latency of deeplabv3_mobilenetv2, deeplabv3_resnet50, pspnet50 (21 classes,
+default options; PSPNet's training-only aux head is built but eval skips it), pspnet50_acosp4
+(the same pspnet50 with ACoSP masks at sparsity 0.75, i.e. 1/4 of the channels kept: random
+N(0, 1) scores, hardened, physically shrunk with ``acosp.shrink``; 21 classes) and
+fasterseg_student (19 classes). All weights are random (fixed seed): fine for latency, not for
+accuracy. All models run at the first size; later sizes run fasterseg_student only.
+
+Three candidates per model: "torch" (eval, ``torch.inference_mode``), "torch_fused"
+(:func:`leanseg.fuse_bn`: BN folded into the convs, channels_last) and "onnxruntime"
+(:class:`leanseg.ort_latency.OrtRun`: ``torch.onnx.export``, one CPU session; PSPNet's
+adaptive pools whose bins do not divide the map, which that exporter refuses, are exported as
+the same averages over slices, :class:`SlicedAdaptiveAvgPool2d`). Per size and
+thread count (``torch.set_num_threads`` and the ORT session's intra-op threads), every model x
+candidate is timed round-robin in one run (:func:`leanseg.bench.round_robin_times`:
+``--warmup`` untimed rounds, then ``--runs`` rounds of one call each), so that drift on a
+shared machine hits them alike. Reported: median / p10 / p90 ms and the speed-up vs that
+model's torch eager (ratio of the medians). Targets (deeplabv3_mobilenetv2, 2 threads, first
+size): onnxruntime >= 1.8x and torch_fused >= 1.5x. Prints JSON and writes it to ``--out``.
+``--quick`` is a smoke test: 64x64, first size only, 1 run, no warm-up. The committed
+benchmarks/results/deploy_cpu.json comes from ``python benchmarks/deploy.py`` (all defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from fasterseg_latency import _ms, _size, cpu_name
+from torch import Tensor, nn
+
+from leanseg import build_model, fuse_bn
+from leanseg.bench import round_robin_times
+from leanseg.bench_model import TimedForward, num_threads, parameter_counts, torch_backend
+from leanseg.methods import acosp
+from leanseg.ort_latency import OrtRun
+
+MODELS = (
+    "deeplabv3_mobilenetv2",
+    "deeplabv3_resnet50",
+    "pspnet50",
+    "pspnet50_acosp4",
+    "fasterseg_student",
+)
+LARGE_SIZE_MODELS = ("fasterseg_student",)  # the only models run at sizes after the first
+BACKENDS = ("torch", "torch_fused", "onnxruntime")
+NUM_CLASSES = {"fasterseg_student": 19}  # the others: 21
+ACOSP_SPARSITY = 0.75
+TARGET_MODEL, TARGET_THREADS = "deeplabv3_mobilenetv2", 2
+TARGETS = {"onnxruntime": 1.8, "torch_fused": 1.5}  # speed-up vs torch eager
+DEFAULT_OUT = Path(__file__).parent / "results" / "deploy_cpu.json"
+
+
+def _build(name: str) -> nn.Module:
+    """An eval model with random weights (seed 0); the ACoSP one is derived from pspnet50."""
+    torch.manual_seed(0)
+    if name != "pspnet50_acosp4":
+        return build_model(name, NUM_CLASSES.get(name, 21)).eval()
+    model = acosp.apply(_build("pspnet50"), ACOSP_SPARSITY)
+    acosp.harden(model)
+    return acosp.shrink(model).eval()
+
+
+def _model_info(name: str, model: nn.Module) -> dict[str, Any]:
+    eval_params = sum(
+        p.numel() for key, p in model.named_parameters() if not key.startswith("aux_classifier.")
+    )
+    info = {
+        "num_classes": NUM_CLASSES.get(name, 21),
+        **parameter_counts(model),
+        "eval_parameters": eval_params,
+        "weights": "random (seed 0)",
+    }
+    if name == "pspnet50_acosp4":
+        info["acosp"] = {
+            "sparsity": ACOSP_SPARSITY,
+            "scores": "random N(0, 1), hardened, shrunk (acosp.shrink)",
+        }
+    return info
+
+
+class SlicedAdaptiveAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` for the ONNX export: where the output size does not divide the
+    input size (PSPNet's bins 3 and 6 on a 64 x 64 map), which the TorchScript exporter refuses,
+    it averages PyTorch's own bins (``floor(i * n / o)`` to ``ceil((i + 1) * n / o)``) with
+    slices and means: the same values, exported as Slice / ReduceMean / Concat."""
+
+    def __init__(self, output_size: Any) -> None:
+        super().__init__()
+        size = output_size if isinstance(output_size, (tuple, list)) else (output_size,) * 2
+        self.output_size = tuple(size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        (h, w), (oh, ow) = map(int, x.shape[-2:]), self.output_size  # constants in the export
+        if None in (oh, ow) or (h % oh == 0 and w % ow == 0):
+            return F.adaptive_avg_pool2d(x, self.output_size)
+        bins_h = [(i * h // oh, ((i + 1) * h + oh - 1) // oh) for i in range(oh)]
+        bins_w = [(j * w // ow, ((j + 1) * w + ow - 1) // ow) for j in range(ow)]
+        rows = [
+            torch.cat([x[..., a:b, c:d].mean((-2, -1), True) for c, d in bins_w], dim=-1)
+            for a, b in bins_h
+        ]
+        return torch.cat(rows, dim=-2)
+
+
+def _exportable(model: nn.Module) -> tuple[nn.Module, int]:
+    """``model``, or a copy with its adaptive average pools sliced, and how many were."""
+    pools = [m for m in model.modules() if type(m) is nn.AdaptiveAvgPool2d]
+    if not pools:
+        return model, 0
+    copied = copy.deepcopy(model)
+    for parent in copied.modules():
+        for key, child in parent._modules.items():
+            if type(child) is nn.AdaptiveAvgPool2d:
+                parent._modules[key] = SlicedAdaptiveAvgPool2d(child.output_size)
+    return copied.eval(), len(pools)
+
+
+def _batchnorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def bench_size(
+    built: dict[str, nn.Module], size: tuple[int, int], threads: list[int], runs: int, warmup: int
+) -> dict[str, Any]:
+    """Every model x backend at ``size``, round-robin once per thread count."""
+    images = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    fused = {name: fuse_bn(model, example_input=images) for name, model in built.items()}
+    exportable = {name: _exportable(model) for name, model in built.items()}
+    report: dict[str, Any] = {"runs": runs, "warmup": warmup, "threads": {}}
+    for count in threads:
+        steps: list[Any] = []
+        entries: list[dict[str, Any]] = []
+        models: dict[str, dict[str, Any]] = {}
+        for name, model in built.items():
+            torch_info = torch_backend(images.device, count)
+            session = OrtRun(exportable[name][0], images, count)
+            ort_info = {**session.backend(), "adaptive_pools_wrapped": exportable[name][1]}
+            candidates = {
+                "torch": (TimedForward(model, images), torch_info),
+                "torch_fused": (
+                    TimedForward(fused[name], images),
+                    {
+                        **torch_info,
+                        "name": "torch eager, BN folded (leanseg.fuse_bn), channels_last",
+                        "batchnorms_left": _batchnorms(fused[name]),
+                        "batchnorms_before": _batchnorms(model),
+                    },
+                ),
+                "onnxruntime": (session, ort_info),
+            }
+            models[name] = {}
+            for backend, (step, info) in candidates.items():
+                steps.append(step)
+                entries.append(models[name].setdefault(backend, {"backend": info}))
+        with num_threads(count), torch.inference_mode():
+            times = round_robin_times(steps, runs, warmup)
+        for entry, seconds in zip(entries, times, strict=True):
+            entry.update(_ms(seconds))
+        for backends in models.values():
+            base = backends["torch"]["median_ms"]
+            for entry in backends.values():
+                entry["speedup_vs_torch"] = base / entry["median_ms"]
+        report["threads"][str(count)] = models
+        summary = {
+            name: {b: round(e["speedup_vs_torch"], 2) for b, e in backends.items()}
+            for name, backends in models.items()
+        }
+        print(f"{size[0]}x{size[1]} threads={count}: {json.dumps(summary)}", file=sys.stderr)
+    return report
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The MobileNetV2 targets at 2 threads, at the first size (value None: not measured)."""
+    key = next(iter(result["sizes"]), None)
+    found = result["sizes"].get(key, {}).get("threads", {}).get(str(TARGET_THREADS), {})
+    block: dict[str, Any] = {"model": TARGET_MODEL, "threads": TARGET_THREADS, "size": key}
+    for backend, target in TARGETS.items():
+        value = found.get(TARGET_MODEL, {}).get(backend, {}).get("speedup_vs_torch")
+        met = None if value is None else value >= target
+        block[f"{backend}_speedup_vs_torch"] = {"value": value, "target": target, "met": met}
+    return block
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--sizes", nargs="+", type=_size, default=[(512, 512), (512, 1024), (1024, 2048)]
+    )
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--quick", action="store_true", help="smoke test: 64x64, 1 run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.runs, args.warmup = [(64, 64)], 1, 0
+    if args.runs < 1 or args.warmup < 0 or min(args.threads) < 1:
+        parser.error("need --runs >= 1, --warmup >= 0 and --threads >= 1")
+    built = {name: _build(name) for name in args.models}
+    argv = sys.argv[1:] if argv is None else argv
+    result: dict[str, Any] = {
+        "benchmark": "deploy",
+        "command": " ".join(["python", "benchmarks/deploy.py", *argv]),
+        "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count()},
+        "torch": torch.__version__,
+        "batch": 1,
+        "threads": args.threads,
+        "note": "random weights: latency only; speed-ups are torch eager median / backend median",
+        "models": {name: _model_info(name, model) for name, model in built.items()},
+        "load_average_before": os.getloadavg(),
+        "sizes": {},
+    }
+    for i, size in enumerate(args.sizes):
+        names = [n for n in args.models if i == 0 or n in LARGE_SIZE_MODELS]
+        if names:
+            chosen = {name: built[name] for name in names}
+            report = bench_size(chosen, size, args.threads, args.runs, args.warmup)
+            result["sizes"][f"{size[0]}x{size[1]}"] = report
+    result["load_average_after"] = os.getloadavg()
+    result["targets"] = targets(result)
+    text = json.dumps(result, indent=2)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
