@@ -215,7 +215,12 @@ def test_ctrl_c_to_the_process_group_with_loader_workers(cache, tmp_path, straig
     work = tmp_path / "runs"
     child = popen("train", *args(cache, work, *LONG, "data.workers=1"), start_new_session=True)
     wait_for_training(child)
-    time.sleep(1.5)
+    # signal once the first validation (iteration 8 of 48) has logged: a fixed sleep let a
+    # quiet machine finish all 48 iterations first, and the late SIGINT hit the interpreter's
+    # exit instead of the loop
+    deadline = time.monotonic() + 120
+    while not list(work.glob("*/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.05)
     os.killpg(child.pid, signal.SIGINT)
     out, err = child.communicate(timeout=120)
     assert child.returncode == 130 and "Traceback" not in err, err
