@@ -232,3 +232,45 @@ def test_corrupt_onnx_is_a_one_line_error(tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(bad), str(image), "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "bad.onnx" in err and "\n" not in err
+
+
+def test_eval_through_onnx_matches_the_checkpoint(tmp_path):
+    """``leanseg eval --checkpoint model.onnx -c ...`` scores the export like the checkpoint."""
+    import json
+
+    from leanseg.cli import main
+    from leanseg.export import export_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus_resnet18", 7, **OPTIONS)
+    cfg = Config()
+    cfg.model.options = dict(OPTIONS)
+    ckpt = tmp_path / "best.pt"
+    save_checkpoint(
+        ckpt,
+        {
+            "model": cfg.model.name,
+            "num_classes": 7,
+            "model_options": dict(OPTIONS),
+            "config": to_dict(cfg),
+            "state_dict": model.state_dict(),
+        },
+    )
+    onnx = tmp_path / "model.onnx"
+    export_checkpoint(ckpt, onnx, size=(32, 32), dynamic=True)
+    data = [
+        f"data.root={tmp_path / 'cache'}",  # a private synthetic set: 2 train, 3 val images
+        "data.synthetic_train=2",
+        "data.synthetic_val=3",
+        "data.workers=0",
+    ]
+    reports = {}
+    for name, path in (("ckpt", ckpt), ("onnx", onnx)):
+        out = tmp_path / f"{name}.json"
+        code = main(["eval", "--checkpoint", str(path), "--out", str(out), "--no-progress", *data])
+        assert code == 0
+        reports[name] = json.loads(out.read_text())
+    theirs, ours = (np.asarray(reports[k]["confusion_matrix"]) for k in ("ckpt", "onnx"))
+    assert theirs.sum() == ours.sum() > 0
+    assert np.abs(theirs - ours).sum() <= 2e-3 * theirs.sum()  # argmax ties at float noise
+    assert abs(reports["ckpt"]["miou"] - reports["onnx"]["miou"]) < 1e-3

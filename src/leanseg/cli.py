@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the validation split")
     _config_args(evaluate)
-    evaluate.add_argument("--checkpoint", required=True, help="a best.pt or last.pt")
+    evaluate.add_argument(
+        "--checkpoint", required=True, help="a best.pt or last.pt, or a leanseg export .onnx"
+    )
     evaluate.add_argument("--out", help="also write the metrics as JSON to this file")
     evaluate.set_defaults(func=run_eval)
 
@@ -243,6 +245,8 @@ def run_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         check_output_file(out, "--out")  # before the evaluation, not after it
+    if args.checkpoint.endswith(".onnx"):
+        return _eval_onnx(args, out)
     payload = load_checkpoint(args.checkpoint)
     cfg = _checkpoint_config(payload, args.config, args.overrides)
     dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
@@ -281,6 +285,43 @@ def run_eval(args: argparse.Namespace) -> int:
             report = metrics.to_dict(dataset.class_names)
             report["confusion_matrix"] = matrix.matrix.tolist()
             write_text_atomic(out, json.dumps(report, indent=2))
+    return 0
+
+
+def _eval_onnx(args: argparse.Namespace, out: Path | None) -> int:
+    """``eval`` of a ``leanseg export`` file: the data from ``-c`` / overrides (an ONNX file
+    holds no config), the model in onnxruntime through the Predictor, one process."""
+    from leanseg.config import load_config
+    from leanseg.data.build import build_dataset, val_loader
+    from leanseg.engine.evaluate import evaluate
+    from leanseg.engine.run_dir import write_text_atomic
+    from leanseg.errors import CheckpointError
+    from leanseg.predictor import Predictor
+
+    cfg = load_config(args.config, args.overrides)
+    predictor = Predictor.from_checkpoint(args.checkpoint, overrides=args.overrides)
+    dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    classes = predictor.model.metadata["num_classes"]
+    if dataset.num_classes != classes:
+        raise CheckpointError(
+            f"'{args.checkpoint}' predicts {classes} classes but the dataset has "
+            f"{dataset.num_classes}: set data.num_classes or use a matching export"
+        )
+    matrix = evaluate(
+        predictor.model,
+        val_loader(dataset, cfg.data, pin_memory=False),
+        num_classes=dataset.num_classes,
+        ignore_index=cfg.data.ignore_index,
+        device=predictor.device,
+        progress=args.progress is not False,
+        **predictor.inference,
+    )
+    metrics = matrix.compute()
+    print(metrics.format_table(dataset.class_names))
+    if out is not None:
+        report = metrics.to_dict(dataset.class_names)
+        report["confusion_matrix"] = matrix.matrix.tolist()
+        write_text_atomic(out, json.dumps(report, indent=2))
     return 0
 
 
