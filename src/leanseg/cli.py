@@ -238,7 +238,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
     from leanseg.engine.distributed import cleanup, init_distributed, process_device
     from leanseg.engine.evaluate import evaluate
-    from leanseg.engine.run_dir import check_output_file, write_text_atomic
+    from leanseg.engine.run_dir import check_output_file
     from leanseg.engine.runtime import autocast_dtype, select_device
     from leanseg.errors import CheckpointError
 
@@ -279,13 +279,21 @@ def run_eval(args: argparse.Namespace) -> int:
     finally:
         cleanup(info)
     if info.is_main:
-        metrics = matrix.compute()
-        print(metrics.format_table(dataset.class_names))
-        if out is not None:
-            report = metrics.to_dict(dataset.class_names)
-            report["confusion_matrix"] = matrix.matrix.tolist()
-            write_text_atomic(out, json.dumps(report, indent=2))
+        _report(matrix, dataset.class_names, out)
     return 0
+
+
+def _report(matrix, class_names: list[str], out: Path | None) -> None:
+    """Print an evaluation's per-class table; with ``--out`` also write it (and the confusion
+    matrix) as JSON."""
+    from leanseg.engine.run_dir import write_text_atomic
+
+    metrics = matrix.compute()
+    print(metrics.format_table(class_names))
+    if out is not None:
+        report = metrics.to_dict(class_names)
+        report["confusion_matrix"] = matrix.matrix.tolist()
+        write_text_atomic(out, json.dumps(report, indent=2))
 
 
 def _eval_onnx(args: argparse.Namespace, out: Path | None) -> int:
@@ -294,12 +302,13 @@ def _eval_onnx(args: argparse.Namespace, out: Path | None) -> int:
     from leanseg.config import load_config
     from leanseg.data.build import build_dataset, val_loader
     from leanseg.engine.evaluate import evaluate
-    from leanseg.engine.run_dir import write_text_atomic
     from leanseg.errors import CheckpointError
     from leanseg.predictor import Predictor
 
     cfg = load_config(args.config, args.overrides)
-    predictor = Predictor.from_checkpoint(args.checkpoint, overrides=args.overrides)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, config=args.config, overrides=args.overrides
+    )
     dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
     classes = predictor.model.metadata["num_classes"]
     if dataset.num_classes != classes:
@@ -316,12 +325,7 @@ def _eval_onnx(args: argparse.Namespace, out: Path | None) -> int:
         progress=args.progress is not False,
         **predictor.inference,
     )
-    metrics = matrix.compute()
-    print(metrics.format_table(dataset.class_names))
-    if out is not None:
-        report = metrics.to_dict(dataset.class_names)
-        report["confusion_matrix"] = matrix.matrix.tolist()
-        write_text_atomic(out, json.dumps(report, indent=2))
+    _report(matrix, dataset.class_names, out)
     return 0
 
 

@@ -121,17 +121,12 @@ def run_search_lut(args: argparse.Namespace) -> int:
         threads=args.threads,
         size=size,
         num_classes=num_classes,
-        extra={"search_space": _space(cfg)},
+        extra={"search_space": search_space(cfg).to_dict()},
         **timing,
     )
     write_lut(output, entries, meta, overwrite=args.force)
     print(f"wrote {output} ({len(entries)} entries)")
     return 0
-
-
-def _space(cfg) -> dict:
-    s = cfg.search
-    return {"layers": s.layers, "fch": s.fch, "width_choices": list(s.width_choices)}
 
 
 def run_search_derive(args: argparse.Namespace) -> int:

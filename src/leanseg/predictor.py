@@ -70,17 +70,20 @@ class Predictor:
         path: str | os.PathLike,
         *,
         device: str = "auto",
+        config: str | os.PathLike | None = None,
         overrides: Sequence[str] = (),
         batch_size: int = 8,
     ) -> Predictor:
         """A Predictor from a ``best.pt`` / ``last.pt`` (or a shrunk checkpoint) or a
-        ``leanseg export`` ``.onnx`` file (run in onnxruntime); ``overrides`` are dotted config
-        keys applied to the checkpoint's config, e.g. ``["eval.flip=true"]``."""
+        ``leanseg export`` ``.onnx`` file (run in onnxruntime). Its settings come from the
+        checkpoint's config (an ONNX file has none: the defaults), or from the YAML ``config``
+        instead, then ``overrides`` (dotted keys, e.g. ``["eval.flip=true"]``)."""
         source = str(path)
         if source.endswith(".onnx"):
-            return cls._from_onnx(Path(path), device, overrides, batch_size)
+            return cls._from_onnx(Path(path), device, config, overrides, batch_size)
         payload = load_checkpoint(path)
-        cfg = load_config(None, list(overrides), base=payload["config"])
+        base = None if config is not None else payload["config"]
+        cfg = load_config(config, list(overrides), base=base)
         model = model_from_checkpoint(payload, source)
         names = payload.get("class_names") or [str(i) for i in range(payload["num_classes"])]
         return cls(
@@ -94,7 +97,12 @@ class Predictor:
 
     @classmethod
     def _from_onnx(
-        cls, path: Path, device: str, overrides: Sequence[str], batch_size: int
+        cls,
+        path: Path,
+        device: str,
+        config: str | os.PathLike | None,
+        overrides: Sequence[str],
+        batch_size: int,
     ) -> Predictor:
         """An ONNX export: class names and palette from its metadata; a fixed-size export
         predicts by sliding windows of its size (any image size), a dynamic one whole."""
@@ -111,7 +119,7 @@ class Predictor:
             ) from None
         if "num_classes" not in metadata:
             raise DataError(f"'{path}' has no leanseg metadata; export it with `leanseg export`")
-        cfg = load_config(None, list(overrides))
+        cfg = load_config(config, list(overrides))
         inference = inference_options(cfg.eval)
         size = metadata.get("input_size", "dynamic")
         if size != "dynamic" and not any(o.startswith("eval.mode=") for o in overrides):

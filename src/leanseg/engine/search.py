@@ -182,10 +182,7 @@ class Searcher:
                 f"search.pretrained '{path}': not a search run's pretrain.pt; give the "
                 "pretrain.pt a `leanseg search` run wrote"
             )
-        if (
-            payload["space"] != _space_dict(self.space)
-            or payload["num_classes"] != self.num_classes
-        ):
+        if payload["space"] != self.space.to_dict() or payload["num_classes"] != self.num_classes:
             raise CheckpointError(
                 f"search.pretrained '{path}': pretrained for another search space or class "
                 "count; use the same search.layers / fch / width_choices and data"
@@ -200,8 +197,8 @@ class Searcher:
         loss = net.search_loss(images, labels, self.criterion)
         record = {"arch_loss": loss.item()}
         if self.latency is not None and self.lam > 0:
-            student = [a.name for a in self.space.archs if a.search_widths]
-            terms = [self.latency.decoupled(name) for name in student]
+            priced = [a.name for a in self.space.archs if _priced(a)]
+            terms = [self.latency.decoupled(name) for name in priced]
             latency = sum(t.weighted for t in terms)
             loss = loss + self.lam * latency
             record["latency_loss_ms"] = latency.item()
@@ -414,7 +411,7 @@ class Searcher:
             "version": 1,
             "epoch": self.epoch,
             "lambda": summary["lambda"],
-            "space": _space_dict(self.space),
+            "space": self.space.to_dict(),
             "num_classes": self.num_classes,
             "latency_size": list(self.latency_size),
             "target_latency_ms": self.cfg.search.target_latency_ms,
@@ -446,7 +443,7 @@ class Searcher:
             "kind": kind,
             "model": "fasterseg_supernet",  # not a registered model: eval / predict refuse it
             "config": to_dict(self.cfg),
-            "space": _space_dict(self.space),
+            "space": self.space.to_dict(),
             "num_classes": self.num_classes,
             "state_dict": self.supernet.state_dict(),
             "weight_optimizer": self.weight_optimizer.state_dict(),
@@ -487,10 +484,6 @@ class Searcher:
 def _priced(arch: ArchSetting) -> bool:
     """The width-searching architecture (the student) carries the latency loss."""
     return arch.search_widths
-
-
-def _space_dict(space: SearchSpace) -> dict[str, Any]:
-    return {"layers": space.layers, "fch": space.fch, "width_choices": list(space.width_choices)}
 
 
 def _check_finite(loss: torch.Tensor, which: str, step: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,18 +103,14 @@ def derive_run(
     epoch's architecture parameters, with the branches chosen at that epoch; never replaces a
     different file."""
     path, record = arch_record(run_dir, epoch)
-    space = SearchSpace(
-        layers=record["space"]["layers"],
-        fch=record["space"]["fch"],
-        width_choices=tuple(record["space"]["width_choices"]),
-    )
+    space = SearchSpace.from_dict(record["space"])
     out = output_dir or run_dir / "derived" / path.stem
     written = {}
     texts = {}
     for name, arch in record["archs"].items():
         spec = derive_branches(space, name, arch["tensors"], tuple(arch["branches"]))
-        spec_meta = {**spec.meta, "epoch": record["epoch"], "derived_from": str(path)}
-        texts[name] = dumps_spec(type(spec)(spec.stem, spec.branches, spec.head, spec_meta)) + "\n"
+        meta = {**spec.meta, "epoch": record["epoch"], "derived_from": str(path)}
+        texts[name] = dumps_spec(replace(spec, meta=meta)) + "\n"
     for name, text in texts.items():
         target = out / f"{name}.json"
         if target.exists() and target.read_text() != text:

@@ -90,13 +90,44 @@ class Latency:
         return 1000.0 / self.total
 
 
-def _op_key(name: str, h: int, w: int, c_in: int, c_out: int, stride: int) -> str:
+def op_key(name: str, h: int, w: int, c_in: int, c_out: int, stride: int) -> str:
+    """Key of a cell operator (``name``: a value of :data:`OP_KEYS`) on an ``h x w`` input."""
     key = f"{name}_H{h}_W{w}_Cin{c_in}_Cout{c_out}_stride{stride}"
     return key if name == "FactorizedReduce" else f"{key}_dilation1"
 
 
-def _conv_key(h: int, w: int, c_in: int, c_out: int, kernel: int, stride: int = 1) -> str:
+def conv_key(h: int, w: int, c_in: int, c_out: int, kernel: int, stride: int = 1) -> str:
+    """Key of a ``kernel x kernel`` conv-BN-ReLU on an ``h x w`` input."""
     return f"ConvNorm_H{h}_W{w}_Cin{c_in}_Cout{c_out}_kernel{kernel}_stride{stride}"
+
+
+def fusion_key(size: tuple[int, int], channels: int) -> str:
+    """Key of the 1x1 fusion conv over ``channels`` at 1/8 (``size``)."""
+    return f"ff_H{size[0]}_W{size[1]}_C{channels}"
+
+
+def head_key(size: tuple[int, int], c_in: int, num_classes: int) -> str:
+    """Key of the classifier head on ``c_in`` channels at 1/8 (``size``)."""
+    return f"head_H{size[0]}_W{size[1]}_Cin{c_in}_Cout{num_classes}"
+
+
+def scale_sizes(size: tuple[int, int]) -> dict[int, tuple[int, int]]:
+    """Feature-map size at strides 1..32 for an input ``size`` (each stride-2 step: ceil)."""
+    sizes = {1: (int(size[0]), int(size[1]))}
+    for stride in (2, 4, 8, 16, 32):
+        h, w = sizes[stride // 2]
+        sizes[stride] = ((h + 1) // 2, (w + 1) // 2)
+    return sizes
+
+
+def stem_keys(widths: tuple[int, int, int], sizes: dict[int, tuple[int, int]]) -> list[str]:
+    """Keys of the stem with output ``widths`` (3x3 s2 conv, two stride-2 ConvX2)."""
+    s0, s1, s2 = widths
+    return [
+        conv_key(*sizes[1], 3, s0, 3, 2),
+        op_key("BasicResidual2x", *sizes[2], s0, s1, 2),
+        op_key("BasicResidual2x", *sizes[4], s1, s2, 2),
+    ]
 
 
 def spec_latency(
@@ -108,32 +139,24 @@ def spec_latency(
     legacy: bool = False,
 ) -> Latency:
     """Price ``spec`` at input ``size`` (H, W) from ``table``; see the module docstring."""
-    sizes = {1: tuple(size)}
-    for stride in (2, 4, 8, 16, 32):
-        h, w = sizes[stride // 2]
-        sizes[stride] = ((h + 1) // 2, (w + 1) // 2)
+    sizes = scale_sizes(size)
     op_keys = LEGACY_OP_KEYS if legacy else OP_KEYS
-    s0, s1, s2 = spec.stem
-    stem = [
-        _conv_key(*sizes[1], 3, s0, 3, 2),
-        _op_key("BasicResidual2x", *sizes[2], s0, s1, 2),
-        _op_key("BasicResidual2x", *sizes[4], s1, s2, 2),
-    ]
+    stem = stem_keys(spec.stem, sizes)
     cells = []
     for branch in spec.branches:
         shared = branch.shares[1] if branch.shares is not None else 0
         for cell in branch.cells[shared:]:
             name = op_keys[cell.op]
-            cells.append(_op_key(name, *sizes[cell.scale], cell.c_in, cell.c_out, cell.stride))
+            cells.append(op_key(name, *sizes[cell.scale], cell.c_in, cell.c_out, cell.stride))
     agg = spec.head.agg
     aggregation = []
     for branch in spec.branches:
-        features = branch.feature_widths(s2)
+        features = branch.feature_widths(spec.stem[-1])
         for scale in (16, 8):
             if scale < branch.scale:
-                aggregation.append(_conv_key(*sizes[2 * scale], agg[2 * scale], agg[scale], 1))
+                aggregation.append(conv_key(*sizes[2 * scale], agg[2 * scale], agg[scale], 1))
                 c_in = agg[scale] + features[scale]
-                aggregation.append(_conv_key(*sizes[scale], c_in, agg[scale], 3))
+                aggregation.append(conv_key(*sizes[scale], c_in, agg[scale], 3))
     fused = agg[8] * len(spec.branches)
     if spec.head.fusion != fused:
         raise ConfigError(
@@ -143,8 +166,8 @@ def spec_latency(
         raise ConfigError(
             f"latency: the LUT's heads have the original's 3x3 width, not {spec.head.mid}"
         )
-    fusion = [f"ff_H{sizes[8][0]}_W{sizes[8][1]}_C{fused}"]
-    head = [f"head_H{sizes[8][0]}_W{sizes[8][1]}_Cin{fused}_Cout{num_classes}"]
+    fusion = [fusion_key(sizes[8], fused)]
+    head = [head_key(sizes[8], fused, num_classes)]
     parts = [stem, cells, aggregation, fusion, head]
     stem_ms, cells_ms, agg_ms, fusion_ms, head_ms = (sum(table[k] for k in p) for p in parts)
     keys = tuple(k for part in parts for k in part)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,15 @@ class SearchSpace:
                         f"search.fch: {self.fch} gives {width} channels at 1/{8 << j}; every "
                         "width must be even and >= 2 (use a multiple of 3, e.g. 3, 6 or 12)"
                     )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Layers, base width and width choices as JSON data (what run files record)."""
+        return {"layers": self.layers, "fch": self.fch, "width_choices": list(self.width_choices)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchSpace:
+        """The space :meth:`to_dict` recorded (teacher and student as in the original)."""
+        return cls(data["layers"], data["fch"], tuple(data["width_choices"]))
 
     def arch_index(self, name: str) -> int:
         """Index K of architecture ``name``."""

@@ -31,8 +31,12 @@ from leanseg.methods.fasterseg.latency import (
     LEGACY_OP_KEYS,
     OP_KEYS,
     LatencyTable,
-    _conv_key,
-    _op_key,
+    conv_key,
+    fusion_key,
+    head_key,
+    op_key,
+    scale_sizes,
+    stem_keys,
 )
 from leanseg.methods.fasterseg.slimmable import OPS
 from leanseg.methods.fasterseg.supernet import SearchSpace, Supernet, beta_row, ratio_row
@@ -41,29 +45,10 @@ LATENCY_WEIGHTS = (1 / 500, 497 / 500, 2 / 500)
 SINGLE_WIDTH_WEIGHTS = (1 / 500, 499 / 500, 0.0)
 
 
-def scale_sizes(size: tuple[int, int]) -> dict[int, tuple[int, int]]:
-    """Feature-map size at strides 1..32 for an input ``size`` (each stride-2 step: ceil)."""
-    sizes = {1: (int(size[0]), int(size[1]))}
-    for stride in (2, 4, 8, 16, 32):
-        h, w = sizes[stride // 2]
-        sizes[stride] = ((h + 1) // 2, (w + 1) // 2)
-    return sizes
-
-
 def cell_key(op: str, size: tuple[int, int], c_in: int, c_out: int, stride: int, legacy: bool):
     """The LUT key of a supernet op (the stride-1 skip is the 1x1 conv of the supernet)."""
     name = (LEGACY_OP_KEYS if legacy else OP_KEYS)[op]
-    return _op_key(name, *size, c_in, c_out, stride)
-
-
-def stem_keys(space: SearchSpace, arch_index: int, sizes: dict) -> list[str]:
-    """LUT keys of one architecture's stem."""
-    s0, s1, s2 = space.stem_widths(space.archs[arch_index])
-    return [
-        _conv_key(*sizes[1], 3, s0, 3, 2),
-        _op_key("BasicResidual2x", *sizes[2], s0, s1, 2),
-        _op_key("BasicResidual2x", *sizes[4], s1, s2, 2),
-    ]
+    return op_key(name, *size, c_in, c_out, stride)
 
 
 def cell_width_options(space: SearchSpace, layer: int, j: int) -> dict[str, tuple]:
@@ -82,8 +67,8 @@ def supernet_keys(space: SearchSpace, size: tuple[int, int], legacy: bool = Fals
     """Every LUT key the supernet's latency can read: stems and all cell ops at all widths."""
     sizes = scale_sizes(size)
     keys: list[str] = []
-    for k in range(len(space.archs)):
-        keys += stem_keys(space, k, sizes)
+    for arch in space.archs:
+        keys += stem_keys(space.stem_widths(arch), sizes)
     for layer in range(space.layers):
         for j in range(min(layer, 2) + 1):
             options = cell_width_options(space, layer, j)
@@ -105,15 +90,15 @@ def head_keys(space: SearchSpace, size: tuple[int, int], num_classes: int) -> li
         agg = {8 << j: space.channels(j, arch.head_width) for j in range(3)}
         stem = space.channels(0, arch.stem_width)
         features = {8: {*space.choices(0), stem}, 16: set(space.choices(1))}
-        keys.append(_conv_key(*sizes[32], agg[32], agg[16], 1))
-        keys.append(_conv_key(*sizes[16], agg[16], agg[8], 1))
+        keys.append(conv_key(*sizes[32], agg[32], agg[16], 1))
+        keys.append(conv_key(*sizes[16], agg[16], agg[8], 1))
         for scale in (16, 8):
             for width in sorted(features[scale]):
-                keys.append(_conv_key(*sizes[scale], agg[scale] + width, agg[scale], 3))
+                keys.append(conv_key(*sizes[scale], agg[scale] + width, agg[scale], 3))
         for count in (1, 2, 3):
             fused = agg[8] * count
-            keys.append(f"ff_H{sizes[8][0]}_W{sizes[8][1]}_C{fused}")
-            keys.append(f"head_H{sizes[8][0]}_W{sizes[8][1]}_Cin{fused}_Cout{num_classes}")
+            keys.append(fusion_key(sizes[8], fused))
+            keys.append(head_key(sizes[8], fused, num_classes))
     return list(dict.fromkeys(keys))
 
 
@@ -202,7 +187,7 @@ class SupernetLatency:
                 return space.channels(j, setting.head_width), 1.0
             return sampled[j][ratio_row(j, layer)]
 
-        stem = sum(self.table[key] for key in stem_keys(space, k, self.sizes))
+        stem = sum(self.table[key] for key in stem_keys(space.stem_widths(setting), self.sizes))
         if self.legacy_recursion:
             return self._legacy_rows(alphas, betas, width, stem)
         keep_prev: dict[int, Tensor | float] = {0: stem}
