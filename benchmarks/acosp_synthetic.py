@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from synthetic_runs import train_run
 
-from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from leanseg.checkpoint import load_checkpoint, model_from_checkpoint
 from leanseg.methods import acosp
 
 

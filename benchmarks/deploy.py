@@ -16,7 +16,7 @@ Three candidates per model: "torch" (eval, ``torch.inference_mode``), "torch_fus
 adaptive pools whose bins do not divide the map, which that exporter refuses, are exported as
 the same averages over slices, :class:`SlicedAdaptiveAvgPool2d`). Per size and
 thread count (``torch.set_num_threads`` and the ORT session's intra-op threads), every model x
-candidate is timed round-robin in one run (:func:`leanseg.bench.round_robin_times`:
+candidate is timed round-robin in one run (:func:`leanseg.bench_model.round_robin_times`:
 ``--warmup`` untimed rounds, then ``--runs`` rounds of one call each), so that drift on a
 shared machine hits them alike. Reported: median / p10 / p90 ms and the speed-up vs that
 model's torch eager (ratio of the medians). Targets (deeplabv3_mobilenetv2, 2 threads, first
@@ -41,8 +41,13 @@ from fasterseg_latency import _ms, _size, cpu_name
 from torch import Tensor, nn
 
 from leanseg import build_model, fuse_bn
-from leanseg.bench import round_robin_times
-from leanseg.bench_model import TimedForward, num_threads, parameter_counts, torch_backend
+from leanseg.bench_model import (
+    TimedForward,
+    num_threads,
+    parameter_counts,
+    round_robin_times,
+    torch_backend,
+)
 from leanseg.methods import acosp
 from leanseg.ort_latency import OrtRun
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from synthetic_runs import train_run
 
-from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from leanseg.checkpoint import load_checkpoint, model_from_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
 FASTERSEG_LOSS = [

@@ -8,7 +8,7 @@ Every model is built with 19 classes, in eval mode, without aux heads (other opt
 defaults: MobileNetV2 at output stride 16), batch 1, N(0, 1) input. Per size, every candidate
 (model x backend: torch eager under ``inference_mode``, and the model exported with
 ``torch.onnx.export`` in an onnxruntime session, see :mod:`leanseg.ort_latency`) is timed
-round-robin in one run (:func:`leanseg.bench.round_robin_times`: ``--warmup`` untimed rounds,
+round-robin in one run (:func:`leanseg.bench_model.round_robin_times`: ``--warmup`` untimed rounds,
 then ``--runs`` rounds of one call each), so that drift on a shared machine hits them alike.
 Prints JSON, and writes it to ``--out``: per model and backend median / p10 / p90 ms with the
 backend recorded, and per backend the ratios ``deeplabv3_mobilenetv2 / model`` of the medians.
@@ -30,13 +30,13 @@ from typing import Any
 import torch
 
 from leanseg import build_model
-from leanseg.bench import round_robin_times
 from leanseg.bench_model import (
     TimedForward,
     forward_flops,
     latency_summary,
     num_threads,
     parameter_counts,
+    round_robin_times,
     torch_backend,
 )
 from leanseg.ort_latency import OrtRun

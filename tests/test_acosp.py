@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from leanseg.checkpoint import model_from_checkpoint
 from leanseg.cli import main
 from leanseg.config import load_config
-from leanseg.engine.checkpoint import model_from_checkpoint
 from leanseg.engine.trainer import acosp_schedule
 from leanseg.errors import ConfigError
 from leanseg.methods import acosp

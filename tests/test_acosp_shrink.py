@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanseg import build_model
+from leanseg.checkpoint import model_from_checkpoint, save_checkpoint
 from leanseg.cli import main
 from leanseg.data.synthetic import ensure_synthetic
-from leanseg.engine.checkpoint import model_from_checkpoint, save_checkpoint
 from leanseg.errors import ConfigError
 from leanseg.methods import acosp
 from leanseg.methods.acosp.fold import FoldedConv2d

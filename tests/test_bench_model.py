@@ -6,10 +6,10 @@ import pytest
 from torch import nn
 
 from leanseg.bench_model import model_report
+from leanseg.checkpoint import save_checkpoint
 from leanseg.cli import main
 from leanseg.config import load_config, to_dict
 from leanseg.data.build import dataset_num_classes
-from leanseg.engine.checkpoint import save_checkpoint
 from leanseg.engine.trainer import model_options
 from leanseg.methods import acosp
 from leanseg.models import build_model

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanseg.checkpoint import save_checkpoint
 from leanseg.config import Config, to_dict
 from leanseg.data.cifar10 import CIFAR_MEAN, CIFAR_STD
 from leanseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from leanseg.engine.checkpoint import save_checkpoint
 from leanseg.engine.losses import distillation_loss
 from leanseg.engine.runtime import rng_state
 from leanseg.engine.teacher import load_teacher, teacher_logits

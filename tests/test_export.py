@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from leanseg import build_model, list_models
+from leanseg.checkpoint import model_from_checkpoint, save_checkpoint
 from leanseg.cli import main
 from leanseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from leanseg.engine.checkpoint import model_from_checkpoint, save_checkpoint
 from leanseg.errors import ConfigError
 from leanseg.methods import acosp
 from tests.test_acosp_shrink import masked_model

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from leanseg import build_model
-from leanseg.bench import round_robin_times
+from leanseg.bench_model import round_robin_times
 from leanseg.cli import main
 from leanseg.models.fasterseg import FasterSeg, spec_from_dict
 from leanseg.models.fasterseg.ops import (

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from leanseg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from leanseg.cli import main
 from leanseg.config import load_config
 from leanseg.data.synthetic import ensure_synthetic
 from leanseg.engine import trainer as trainer_module
-from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from leanseg.engine.dry_run import GeneratedDataset
 from leanseg.engine.objective import loss_criterion, loss_weights
 from leanseg.engine.optim import lr_factor, set_lr

@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+from leanseg.checkpoint import save_checkpoint
 from leanseg.cli import main
 from leanseg.config import Config, to_dict
 from leanseg.data.image_io import UnreadableFileError, read_image, write_label_png
 from leanseg.data.palettes import voc_palette
 from leanseg.engine import predict as predict_module
-from leanseg.engine.checkpoint import save_checkpoint
 from leanseg.engine.predict import collect_images, output_stems, prepare_outputs
 from leanseg.errors import DataError
 from leanseg.models import build_model

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from leanseg.checkpoint import save_checkpoint
 from leanseg.config import Config, to_dict
 from leanseg.data.image_io import read_image
 from leanseg.data.transforms import ToTensorNormalize
-from leanseg.engine.checkpoint import save_checkpoint
 from leanseg.errors import DataError
 from leanseg.models import build_model
 from leanseg.predictor import Predictor

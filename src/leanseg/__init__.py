@@ -1,5 +1,6 @@
 """leanseg: semantic segmentation that is lean in memory, size and time."""
 
+from leanseg import methods  # noqa: F401  (registers the methods' checkpoint hooks)
 from leanseg.errors import CheckpointError, ConfigError, DataError, LeansegError
 from leanseg.fuse import fuse_bn
 from leanseg.models import build_model, list_models, load_pretrained

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanseg.bench_model import round_robin_times
 from leanseg.config import Config
 from leanseg.methods import backrazor
 
@@ -137,20 +138,6 @@ def interleaved_step_seconds(
 def round_robin_seconds(steps: list[Callable[[], float]], rounds: int) -> list[float]:
     """Median of each timed callable over ``rounds`` rounds of one call each, in turn."""
     return [spent[len(spent) // 2] for spent in round_robin_times(steps, rounds)]
-
-
-def round_robin_times(
-    steps: list[Callable[[], float]], rounds: int, warmup: int = 0
-) -> list[list[float]]:
-    """Each timed callable's seconds (sorted) over ``rounds`` rounds of one call each, in turn,
-    after ``warmup`` untimed rounds."""
-    times: list[list[float]] = [[] for _ in steps]
-    for round_ in range(warmup + rounds):
-        for step, spent in zip(steps, times, strict=True):
-            seconds = step()
-            if round_ >= warmup:
-                spent.append(seconds)
-    return [sorted(spent) for spent in times]
 
 
 def memory_report(cfg: Config, num_classes: int, device: torch.device) -> dict[str, Any]:

@@ -3,13 +3,13 @@
 ``leanseg bench model -c CONFIG [--backend torch|onnxruntime]`` prints :func:`model_report` as
 JSON, the latency with the backend it was measured on; benchmarks/acosp.py and
 benchmarks/fasterseg_latency.py compare models with the same functions, timed round-robin
-(:func:`leanseg.bench.round_robin_times`).
+(:func:`round_robin_times`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,12 +17,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from leanseg.bench import round_robin_times
 from leanseg.errors import ConfigError
 from leanseg.flops import flop_counter
 from leanseg.ort_latency import OrtRun, require_onnxruntime
 
 BACKENDS = ("torch", "onnxruntime")
+
+
+def round_robin_times(
+    steps: list[Callable[[], float]], rounds: int, warmup: int = 0
+) -> list[list[float]]:
+    """Each timed callable's seconds (sorted) over ``rounds`` rounds of one call each, in turn,
+    after ``warmup`` untimed rounds."""
+    times: list[list[float]] = [[] for _ in steps]
+    for round_ in range(warmup + rounds):
+        for step, spent in zip(steps, times, strict=True):
+            seconds = step()
+            if round_ >= warmup:
+                spent.append(seconds)
+    return [sorted(spent) for spent in times]
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -233,9 +233,9 @@ def _checkpoint_config(payload: dict, config_path: str | None, overrides: list[s
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from leanseg.checkpoint import load_checkpoint, model_from_checkpoint
     from leanseg.config import inference_options
     from leanseg.data.build import build_dataset, val_loader
-    from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
     from leanseg.engine.distributed import cleanup, init_distributed, process_device
     from leanseg.engine.evaluate import evaluate
     from leanseg.engine.run_dir import check_output_file
@@ -343,9 +343,9 @@ def run_bench_memory(args: argparse.Namespace) -> int:
 
 def run_bench_model(args: argparse.Namespace) -> int:
     from leanseg.bench_model import model_report
+    from leanseg.checkpoint import load_checkpoint, model_from_checkpoint
     from leanseg.config import load_config
     from leanseg.data.build import dataset_num_classes
-    from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
     from leanseg.engine.runtime import select_device
     from leanseg.engine.trainer import model_options
     from leanseg.errors import ConfigError

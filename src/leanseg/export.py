@@ -1,7 +1,7 @@
 """``leanseg export``: a checkpoint as a self-describing ONNX file, checked against torch.
 
 :func:`export_checkpoint` rebuilds the checkpoint's model (every kind that
-:func:`~leanseg.engine.checkpoint.model_from_checkpoint` reads), exports its eval-mode main
+:func:`~leanseg.checkpoint.model_from_checkpoint` reads), exports its eval-mode main
 logits with the TorchScript exporter (:func:`leanseg.ort_latency.export_onnx`), records what a
 consumer needs in the model's ``metadata_props`` (:func:`read_metadata` reads them back), runs
 the file in onnxruntime next to torch and keeps it only when the logits agree within
@@ -331,7 +331,7 @@ def export_checkpoint(
     times ``max(1, max |torch logit|)`` nothing is kept (:class:`ExportError`). An existing
     ``output`` is replaced only with ``force``, atomically; it may never be the checkpoint.
     """
-    from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from leanseg.checkpoint import load_checkpoint, model_from_checkpoint
     from leanseg.engine.predict import checkpoint_palette
 
     checkpoint, output = Path(checkpoint), Path(output)

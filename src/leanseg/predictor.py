@@ -1,7 +1,7 @@
 """One-image (and list) inference: ``Predictor.from_checkpoint(path)(image) -> label map``.
 
 The Predictor is the one object that turns a leanseg checkpoint into predictions: it rebuilds
-the model (every kind of checkpoint :func:`~leanseg.engine.checkpoint.model_from_checkpoint`
+the model (every kind of checkpoint :func:`~leanseg.checkpoint.model_from_checkpoint`
 rebuilds), keeps the checkpoint's class names, palette and ``eval`` settings (whole image,
 sliding window, multi-scale + flip; overridable), normalises images the way training did and
 returns label maps at the input size. ``leanseg predict`` goes through it.
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from leanseg.checkpoint import load_checkpoint, model_from_checkpoint
 from leanseg.config import inference_options, load_config
 from leanseg.data.image_io import read_image
 from leanseg.data.transforms import ToTensorNormalize
-from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from leanseg.engine.inference import predict_probs
 from leanseg.engine.predict import checkpoint_palette
 from leanseg.engine.runtime import select_device

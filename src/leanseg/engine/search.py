@@ -30,9 +30,9 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
+from leanseg.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from leanseg.config import Config, to_dict
 from leanseg.data.build import build_datasets, train_loader, val_loader
-from leanseg.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from leanseg.engine.metrics import ConfusionMatrix
 from leanseg.engine.objective import loss_criterion
 from leanseg.engine.run_dir import truncate_metrics, write_text_atomic

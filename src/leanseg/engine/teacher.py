@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from leanseg.checkpoint import load_checkpoint, model_from_checkpoint
 from leanseg.data.cifar10 import CIFAR_MEAN, CIFAR_STD
 from leanseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from leanseg.errors import CheckpointError, ConfigError
 from leanseg.models import build_model
 

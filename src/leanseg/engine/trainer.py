@@ -18,14 +18,14 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from leanseg.config import Config, inference_options, to_dict
-from leanseg.data.build import build_datasets, dataset_num_classes, train_loader, val_loader
-from leanseg.engine.checkpoint import (
+from leanseg.checkpoint import (
     load_checkpoint,
     load_model_state,
     save_checkpoint,
     self_contained_options,
 )
+from leanseg.config import Config, inference_options, to_dict
+from leanseg.data.build import build_datasets, dataset_num_classes, train_loader, val_loader
 from leanseg.engine.distributed import any_rank, barrier, current, process_device, wrap_model
 from leanseg.engine.evaluate import NonFiniteOutputError, evaluate
 from leanseg.engine.losses import distillation_loss, segmentation_loss

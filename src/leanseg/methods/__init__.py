@@ -2,8 +2,10 @@
 
 Each method is a function that rewrites modules in place, a module, a loss term or a callback;
 none forks the training loop. ``backrazor.apply(model, ratio=0.7)`` is the first.
+Importing this package registers each method's checkpoint hook
+(:func:`leanseg.checkpoint.register_rebuild`); ``import leanseg`` does it.
 """
 
-from leanseg.methods import backrazor
+from leanseg.methods import acosp, backrazor
 
-__all__ = ["backrazor"]
+__all__ = ["acosp", "backrazor"]

@@ -5,6 +5,7 @@ after it (conv -> mask -> norm); the masks anneal from soft to hard on a :class:
 and :func:`harden` fixes them to the top-k scores. Spec: shared/methods/acosp.md.
 """
 
+from leanseg.checkpoint import register_rebuild
 from leanseg.methods.acosp.masks import (
     apply,
     channel_mask,
@@ -15,11 +16,13 @@ from leanseg.methods.acosp.masks import (
     output_convs,
     set_temperature,
 )
-from leanseg.methods.acosp.rebuild import rebuild
+from leanseg.methods.acosp.rebuild import rebuild, rebuild_from_checkpoint
 from leanseg.methods.acosp.schedule import MaskSchedule
 from leanseg.methods.acosp.shrink import shrink, shrink_with_spec
 from leanseg.methods.acosp.shrink_checkpoint import ShrinkReport, shrink_checkpoint
 from leanseg.methods.acosp.soft_topk import hard_mask, kept_channels, soft_mask, temperature
+
+register_rebuild("acosp", rebuild_from_checkpoint)
 
 __all__ = [
     "MaskSchedule",

@@ -14,7 +14,7 @@ from torch import nn
 
 from leanseg.errors import CheckpointError
 from leanseg.methods.acosp.fold import FoldedConv2d
-from leanseg.methods.acosp.masks import ChannelMaskHook
+from leanseg.methods.acosp.masks import ChannelMaskHook, apply
 
 SHRINK_FORMAT = 1
 MASK_STATE = ("acosp_score", "acosp_tau", "acosp_hard", "acosp_mask")
@@ -93,3 +93,19 @@ def _replace(model: nn.Module, name: str, module: nn.Module | None) -> None:
             f"shrunk checkpoint names layer '{name}', which {type(model).__name__} does not "
             "have: check model.name and model.options"
         ) from None
+
+
+def rebuild_from_checkpoint(model: nn.Module, payload: dict[str, Any]) -> None:
+    """The checkpoint hook (:func:`leanseg.checkpoint.register_rebuild`): a shrunk checkpoint
+    (key ``shrink``) gets its recorded smaller layers, a model trained with ACoSP masks
+    (``acosp.sparsity`` in its config) gets the masks back; other checkpoints are untouched."""
+    masks = payload.get("config", {}).get("acosp", {})
+    if payload.get("shrink") is not None:
+        rebuild(model, payload["shrink"])
+    elif masks.get("sparsity") is not None:
+        apply(
+            model,
+            masks["sparsity"],
+            masks.get("min_keep", 8),
+            masks.get("coupled_residual", False),
+        )

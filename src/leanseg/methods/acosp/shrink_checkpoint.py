@@ -2,7 +2,7 @@
 
 The output keeps the source's model name, options, class names and config, adds
 ``"shrink"`` (the plain-data layer spec of :func:`~leanseg.methods.acosp.shrink_with_spec`) and
-stores the shrunk state dict; :func:`leanseg.engine.checkpoint.model_from_checkpoint` rebuilds
+stores the shrunk state dict; :func:`leanseg.checkpoint.model_from_checkpoint` rebuilds
 it, so ``leanseg eval`` / ``predict`` take it like any checkpoint.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from leanseg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from leanseg.errors import CheckpointError, ConfigError
 from leanseg.flops import flop_counter
 from leanseg.methods.acosp.masks import harden, is_hard
@@ -122,8 +123,6 @@ def shrink_checkpoint(
 
     Soft masks are hardened first (with a note through ``say``), as training does at its end.
     """
-    from leanseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-
     source, target = Path(source), Path(target)
     _check_target(source, target)
     payload = load_checkpoint(source)

@@ -1,9 +1,17 @@
-"""Checkpoints: plain tensors and data, written atomically, read with ``weights_only=True``."""
+"""Checkpoints: plain tensors and data, written atomically, read with ``weights_only=True``.
+
+The file format sits below the models' users: methods (``leanseg shrink``) and the engine both
+read and write it here. Rebuilding a checkpoint's model is :func:`model_from_checkpoint`: the
+model is built by name, then every method that changes a model's layers (ACoSP masks, a shrunk
+network) restores them through the hook it registered with :func:`register_rebuild`, then the
+weights load strictly.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +19,23 @@ import torch
 from torch import nn
 
 from leanseg.errors import CheckpointError
-from leanseg.methods import acosp
 from leanseg.models import build_model
 from leanseg.models import model_options as accepted_options
 
 FORMAT = "leanseg-checkpoint"
 VERSION = 1
 REQUIRED = ("format", "version", "model", "num_classes", "state_dict")
+
+Rebuild = Callable[[nn.Module, dict[str, Any]], None]
+_REBUILDS: dict[str, Rebuild] = {}
+
+
+def register_rebuild(method: str, rebuild: Rebuild) -> None:
+    """Have :func:`model_from_checkpoint` call ``rebuild(model, payload)`` on every model it
+    builds, before the weights load: the hook of ``method`` changes the freshly built model
+    into the one the checkpoint's weights were saved from (and leaves other models alone).
+    Registering a method again replaces its hook."""
+    _REBUILDS[method] = rebuild
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
@@ -122,18 +140,15 @@ def self_contained_options(name: str, options: dict[str, Any]) -> dict[str, Any]
 
 
 def model_from_checkpoint(payload: dict[str, Any], source: str) -> nn.Module:
-    """Rebuild the model a checkpoint was trained with and load its weights.
+    """Rebuild the model a checkpoint was saved from and load its weights.
 
-    A ``leanseg shrink`` checkpoint (key ``shrink``) gets its smaller layers back instead of masks.
+    The registered methods' hooks (:func:`register_rebuild`) restore what they changed, e.g.
+    ACoSP's masks or a ``leanseg shrink`` checkpoint's smaller layers.
     """
     model = build_model(
         payload["model"], payload["num_classes"], **payload.get("model_options", {})
     )
-    masks = payload.get("config", {}).get("acosp", {})
-    if payload.get("shrink") is not None:  # physically pruned: the recorded layer shapes
-        acosp.rebuild(model, payload["shrink"])
-    elif masks.get("sparsity") is not None:  # a model trained with ACoSP masks keeps them
-        coupled = masks.get("coupled_residual", False)
-        acosp.apply(model, masks["sparsity"], masks.get("min_keep", 8), coupled)
+    for rebuild in _REBUILDS.values():
+        rebuild(model, payload)
     load_model_state(model, payload["state_dict"], source)
     return model
