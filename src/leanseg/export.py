@@ -110,12 +110,12 @@ class ExportReport:
 
 
 def require_onnx() -> ModuleType:
-    """The ``onnx`` module, or a one-line ConfigError naming the ``[export]`` extra."""
+    """The ``onnx`` module, or a one-line ConfigError naming the ``[deploy]`` extra."""
     try:
         import onnx
     except ImportError:
         raise ConfigError(
-            f"leanseg export needs the onnx package (the [export] extra): "
+            f"leanseg export needs the onnx package (the [deploy] extra): "
             f"{ort_latency.INSTALL_HINT}"
         ) from None
     return onnx
@@ -126,7 +126,7 @@ def _require_onnxruntime() -> ModuleType:
         return ort_latency.require_onnxruntime()
     except ConfigError:
         raise ConfigError(
-            f"leanseg export needs the onnxruntime package (the [export] extra) to check the "
+            f"leanseg export needs the onnxruntime package (the [deploy] extra) to check the "
             f"exported model: {ort_latency.INSTALL_HINT}"
         ) from None
 

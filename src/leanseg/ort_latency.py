@@ -1,7 +1,7 @@
 """onnxruntime inference of a torch model: export, one session, its timed ``run``.
 
 ``leanseg bench model --backend onnxruntime`` and benchmarks/fasterseg_latency.py time the
-session built here. onnxruntime (and onnx) are the optional ``[export]`` extra; without them
+session built here. onnxruntime (and onnx) are the optional ``[deploy]`` extra; without them
 :func:`require_onnxruntime` raises a one-line ConfigError.
 """
 
@@ -22,17 +22,18 @@ import torch
 from torch import nn
 
 from leanseg.errors import ConfigError
+from leanseg.onnx_compat import exportable
 
-INSTALL_HINT = "pip install 'leanseg[export]'"
+INSTALL_HINT = "pip install 'leanseg[deploy]'"
 
 
 def require_onnxruntime() -> ModuleType:
-    """The ``onnxruntime`` module, or a one-line ConfigError naming the ``[export]`` extra."""
+    """The ``onnxruntime`` module, or a one-line ConfigError naming the ``[deploy]`` extra."""
     try:
         import onnxruntime
     except ImportError:
         raise ConfigError(
-            f"--backend onnxruntime needs the onnxruntime package (the [export] extra): "
+            f"--backend onnxruntime needs the onnxruntime package (the [deploy] extra): "
             f"{INSTALL_HINT}"
         ) from None
     return onnxruntime
@@ -62,17 +63,19 @@ def export_onnx(
     TorchScript-based ``torch.onnx.export`` with static shapes (input ``"image"``, output
     ``"logits"``), as tests/test_models.py exports every model; its deprecation notes are muted.
     ``dynamic_axes`` (``{"image": {0: "batch", ...}, "logits": {...}}``) makes those axes
-    symbolic; ``opset`` picks the ONNX opset (default: the exporter's).
+    symbolic; ``opset`` picks the ONNX opset (default: the exporter's). A fixed-size export
+    slices adaptive average pools whose bins are uneven (:func:`leanseg.onnx_compat.exportable`).
     """
     was_training = model.training
     model.eval()
+    exported = exportable(model)[0] if dynamic_axes is None else model
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
-                _Logits(model),
+                _Logits(exported),
                 (images,),
                 buffer,
                 dynamo=False,
