@@ -10,17 +10,18 @@ N(0, 1) scores, hardened, physically shrunk with ``acosp.shrink``; 21 classes) a
 fasterseg_student (19 classes). All weights are random (fixed seed): fine for latency, not for
 accuracy. All models run at the first size; later sizes run fasterseg_student only.
 
-Three candidates per model: "torch" (eval, ``torch.inference_mode``), "torch_fused"
-(:func:`leanseg.fuse_bn`: BN folded into the convs, channels_last) and "onnxruntime"
-(:class:`leanseg.ort_latency.OrtRun`: ``torch.onnx.export``, one CPU session; PSPNet's
-adaptive pools whose bins do not divide the map, which that exporter refuses, are exported as
-the same averages over slices, :class:`SlicedAdaptiveAvgPool2d`). Per size and
+Three candidates per model, those of ``leanseg bench model --backend torch fused onnxruntime``
+(:func:`leanseg.bench_model.backend_candidates`): "torch" (eval, ``torch.inference_mode``),
+"fused" (:func:`leanseg.fuse_bn`: BN folded into the convs, channels_last) and "onnxruntime"
+(``torch.onnx.export``, one CPU session; PSPNet's adaptive pools with uneven bins are exported
+as the same averages over slices, :mod:`leanseg.onnx_compat`, as ``leanseg export`` does). Per
+size and
 thread count (``torch.set_num_threads`` and the ORT session's intra-op threads), every model x
 candidate is timed round-robin in one run (:func:`leanseg.bench_model.round_robin_times`:
 ``--warmup`` untimed rounds, then ``--runs`` rounds of one call each), so that drift on a
 shared machine hits them alike. Reported: median / p10 / p90 ms and the speed-up vs that
 model's torch eager (ratio of the medians). Targets (deeplabv3_mobilenetv2, 2 threads, first
-size): onnxruntime >= 1.8x and torch_fused >= 1.5x. Prints JSON and writes it to ``--out``.
+size): onnxruntime >= 1.8x and fused >= 1.5x. Prints JSON and writes it to ``--out``.
 ``--quick`` is a smoke test: 64x64, first size only, 1 run, no warm-up. The committed
 benchmarks/results/deploy_cpu.json comes from ``python benchmarks/deploy.py`` (all defaults).
 """
@@ -28,7 +29,6 @@ benchmarks/results/deploy_cpu.json comes from ``python benchmarks/deploy.py`` (a
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -36,20 +36,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from fasterseg_latency import _ms, _size, cpu_name
-from torch import Tensor, nn
+from torch import nn
 
-from leanseg import build_model, fuse_bn
+from leanseg import build_model
 from leanseg.bench_model import (
-    TimedForward,
+    backend_candidates,
     num_threads,
     parameter_counts,
     round_robin_times,
-    torch_backend,
 )
 from leanseg.methods import acosp
-from leanseg.ort_latency import OrtRun
+from leanseg.onnx_compat import exportable
 
 MODELS = (
     "deeplabv3_mobilenetv2",
@@ -59,11 +57,11 @@ MODELS = (
     "fasterseg_student",
 )
 LARGE_SIZE_MODELS = ("fasterseg_student",)  # the only models run at sizes after the first
-BACKENDS = ("torch", "torch_fused", "onnxruntime")
+BACKENDS = ("torch", "fused", "onnxruntime")
 NUM_CLASSES = {"fasterseg_student": 19}  # the others: 21
 ACOSP_SPARSITY = 0.75
 TARGET_MODEL, TARGET_THREADS = "deeplabv3_mobilenetv2", 2
-TARGETS = {"onnxruntime": 1.8, "torch_fused": 1.5}  # speed-up vs torch eager
+TARGETS = {"onnxruntime": 1.8, "fused": 1.5}  # speed-up vs torch eager
 DEFAULT_OUT = Path(__file__).parent / "results" / "deploy_cpu.json"
 
 
@@ -95,78 +93,23 @@ def _model_info(name: str, model: nn.Module) -> dict[str, Any]:
     return info
 
 
-class SlicedAdaptiveAvgPool2d(nn.Module):
-    """``nn.AdaptiveAvgPool2d`` for the ONNX export: where the output size does not divide the
-    input size (PSPNet's bins 3 and 6 on a 64 x 64 map), which the TorchScript exporter refuses,
-    it averages PyTorch's own bins (``floor(i * n / o)`` to ``ceil((i + 1) * n / o)``) with
-    slices and means: the same values, exported as Slice / ReduceMean / Concat."""
-
-    def __init__(self, output_size: Any) -> None:
-        super().__init__()
-        size = output_size if isinstance(output_size, (tuple, list)) else (output_size,) * 2
-        self.output_size = tuple(size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        (h, w), (oh, ow) = map(int, x.shape[-2:]), self.output_size  # constants in the export
-        if None in (oh, ow) or (h % oh == 0 and w % ow == 0):
-            return F.adaptive_avg_pool2d(x, self.output_size)
-        bins_h = [(i * h // oh, ((i + 1) * h + oh - 1) // oh) for i in range(oh)]
-        bins_w = [(j * w // ow, ((j + 1) * w + ow - 1) // ow) for j in range(ow)]
-        rows = [
-            torch.cat([x[..., a:b, c:d].mean((-2, -1), True) for c, d in bins_w], dim=-1)
-            for a, b in bins_h
-        ]
-        return torch.cat(rows, dim=-2)
-
-
-def _exportable(model: nn.Module) -> tuple[nn.Module, int]:
-    """``model``, or a copy with its adaptive average pools sliced, and how many were."""
-    pools = [m for m in model.modules() if type(m) is nn.AdaptiveAvgPool2d]
-    if not pools:
-        return model, 0
-    copied = copy.deepcopy(model)
-    for parent in copied.modules():
-        for key, child in parent._modules.items():
-            if type(child) is nn.AdaptiveAvgPool2d:
-                parent._modules[key] = SlicedAdaptiveAvgPool2d(child.output_size)
-    return copied.eval(), len(pools)
-
-
-def _batchnorms(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-
-
 def bench_size(
     built: dict[str, nn.Module], size: tuple[int, int], threads: list[int], runs: int, warmup: int
 ) -> dict[str, Any]:
     """Every model x backend at ``size``, round-robin once per thread count."""
     images = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
-    fused = {name: fuse_bn(model, example_input=images) for name, model in built.items()}
-    exportable = {name: _exportable(model) for name, model in built.items()}
     report: dict[str, Any] = {"runs": runs, "warmup": warmup, "threads": {}}
     for count in threads:
         steps: list[Any] = []
         entries: list[dict[str, Any]] = []
         models: dict[str, dict[str, Any]] = {}
         for name, model in built.items():
-            torch_info = torch_backend(images.device, count)
-            session = OrtRun(exportable[name][0], images, count)
-            ort_info = {**session.backend(), "adaptive_pools_wrapped": exportable[name][1]}
-            candidates = {
-                "torch": (TimedForward(model, images), torch_info),
-                "torch_fused": (
-                    TimedForward(fused[name], images),
-                    {
-                        **torch_info,
-                        "name": "torch eager, BN folded (leanseg.fuse_bn), channels_last",
-                        "batchnorms_left": _batchnorms(fused[name]),
-                        "batchnorms_before": _batchnorms(model),
-                    },
-                ),
-                "onnxruntime": (session, ort_info),
-            }
             models[name] = {}
+            with num_threads(count):
+                candidates = backend_candidates(model, images, count, BACKENDS)
             for backend, (step, info) in candidates.items():
+                if backend == "onnxruntime":
+                    info = {**info, "adaptive_pools_sliced": exportable(model)[1]}
                 steps.append(step)
                 entries.append(models[name].setdefault(backend, {"backend": info}))
         with num_threads(count), torch.inference_mode():

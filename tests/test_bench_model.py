@@ -11,6 +11,7 @@ from leanseg.cli import main
 from leanseg.config import load_config, to_dict
 from leanseg.data.build import dataset_num_classes
 from leanseg.engine.trainer import model_options
+from leanseg.errors import ConfigError
 from leanseg.methods import acosp
 from leanseg.models import build_model
 
@@ -22,10 +23,13 @@ def _num_classes(cfg) -> int:
     return cfg.data.num_classes or dataset_num_classes(cfg.data.dataset)
 
 
-def _latency_ok(report: dict) -> None:
-    p10, median, p90 = (report[f"latency_seconds_{k}"] for k in ("p10", "median", "p90"))
+def _latency_ok(report: dict, backend: str = "torch") -> None:
+    entry = report["backends"][backend]
+    p10, median, p90 = (entry[f"latency_seconds_{k}"] for k in ("p10", "median", "p90"))
     assert 0 < p10 <= median <= p90
-    assert report["images_per_second"] > 0
+    assert entry["images_per_second"] > 0
+    first = report["backends"][report["speedup_relative_to"]]["latency_seconds_median"]
+    assert entry["speedup"] == pytest.approx(first / median)
 
 
 def test_model_report_counts_a_single_conv():
@@ -87,3 +91,35 @@ def test_bench_model_cli_errors_are_one_line(argv, message, tmp_path, capsys):
     assert main(["bench", "model", *TINY, *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("leanseg: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_bench_model_times_torch_fused_and_onnxruntime_side_by_side(capsys):
+    pytest.importorskip("onnxruntime")
+    backends = ["torch", "fused", "onnxruntime"]
+    assert main(["bench", "model", *TINY, *FAST, "--backend", *backends]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["backends"]) == backends and report["speedup_relative_to"] == "torch"
+    for backend in backends:
+        _latency_ok(report, backend)
+    assert report["backends"]["torch"]["speedup"] == 1.0
+    fused = report["backends"]["fused"]["backend"]
+    assert fused["batchnorms_before"] > 0 and fused["batchnorms_left"] == 0
+    assert fused["channels_last"] is True
+    assert report["backends"]["onnxruntime"]["backend"]["name"] == "onnxruntime"
+
+
+def test_model_report_speedups_are_relative_to_the_first_backend():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    report = model_report(
+        model, (1, 3, 16, 16), runs=2, warmup=0, threads=1, backends=("fused", "torch")
+    )
+    assert report["speedup_relative_to"] == "fused"
+    assert report["backends"]["fused"]["speedup"] == 1.0
+    _latency_ok(report, "torch")
+
+
+@pytest.mark.parametrize("backends", [(), ("torch", "torch"), ("tensorrt",)])
+def test_model_report_refuses_bad_backend_lists(backends):
+    with pytest.raises(ConfigError, match="--backend"):
+        model_report(nn.Conv2d(3, 4, 1), (1, 3, 8, 8), runs=1, warmup=0, backends=backends)

@@ -227,14 +227,15 @@ def test_bench_model_onnxruntime_records_the_backend(capsys):
     ort = pytest.importorskip("onnxruntime")
     assert main(["bench", "model", *TINY, *FAST, "--backend", "onnxruntime"]) == 0
     report = json.loads(capsys.readouterr().out)
-    backend = report["backend"]
+    entry = report["backends"]["onnxruntime"]
+    backend = entry["backend"]
     assert backend["name"] == "onnxruntime" and backend["onnxruntime"] == ort.__version__
     assert backend["execution_provider"] == "CPUExecutionProvider"
     assert backend["threads"] == 1 and backend["device"] == "cpu"
     assert torch.__version__ in backend["exported_with"]
-    assert 0 < report["latency_seconds_p10"] <= report["latency_seconds_p90"]
+    assert 0 < entry["latency_seconds_p10"] <= entry["latency_seconds_p90"]
     assert main(["bench", "model", *TINY, *FAST]) == 0
-    backend = json.loads(capsys.readouterr().out)["backend"]
+    backend = json.loads(capsys.readouterr().out)["backends"]["torch"]["backend"]
     assert backend == {
         "name": "torch eager",
         "torch": torch.__version__,
@@ -248,4 +249,4 @@ def test_missing_onnxruntime_is_one_line(monkeypatch, capsys):
     assert main(["bench", "model", *TINY, *FAST, "--backend", "onnxruntime"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "onnxruntime" in err and "leanseg[export]" in err
+    assert "onnxruntime" in err and "leanseg[deploy]" in err

@@ -274,3 +274,66 @@ def test_eval_through_onnx_matches_the_checkpoint(tmp_path):
     assert theirs.sum() == ours.sum() > 0
     assert np.abs(theirs - ours).sum() <= 2e-3 * theirs.sum()  # argmax ties at float noise
     assert abs(reports["ckpt"]["miou"] - reports["onnx"]["miou"]) < 1e-3
+
+
+def test_fuse_bn_setting_folds_the_checkpoints_batchnorms(checkpoint):
+    image = _image(40, 56, seed=5)
+    fused = Predictor.from_checkpoint(checkpoint, overrides=["eval.fuse_bn=true"])
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.model.modules())
+    plain = Predictor.from_checkpoint(checkpoint)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.modules())
+    expected = _reference(checkpoint, image).numpy()
+    np.testing.assert_allclose(fused.predict_proba(image), expected, atol=1e-5)
+
+
+def test_eval_of_a_checkpoint_runs_the_predictors_model(tmp_path, monkeypatch):
+    """``leanseg eval`` scores what the Predictor runs: a fused checkpoint scores the same."""
+    import json
+
+    from leanseg import predictor as predictor_module
+    from leanseg.cli import main
+
+    seen = []
+    real = predictor_module.Predictor.from_checkpoint.__func__
+
+    def spy(cls, path, **kwargs):
+        made = real(cls, path, **kwargs)
+        seen.append(made)
+        return made
+
+    monkeypatch.setattr(predictor_module.Predictor, "from_checkpoint", classmethod(spy))
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus_resnet18", 7, **OPTIONS)
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(2, 3, 32, 32))
+    cfg = Config()
+    cfg.model.options = dict(OPTIONS)
+    ckpt = tmp_path / "best.pt"
+    save_checkpoint(
+        ckpt,
+        {
+            "model": cfg.model.name,
+            "num_classes": 7,
+            "model_options": dict(OPTIONS),
+            "config": to_dict(cfg),
+            "state_dict": model.state_dict(),
+        },
+    )
+    data = [
+        f"data.root={tmp_path / 'cache'}",
+        "data.synthetic_train=2",
+        "data.synthetic_val=3",
+        "data.workers=0",
+    ]
+    matrices = {}
+    for fuse in ("false", "true"):
+        out = tmp_path / f"{fuse}.json"
+        argv = ["eval", "--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]
+        assert main([*argv, *data, f"eval.fuse_bn={fuse}"]) == 0
+        matrices[fuse] = np.asarray(json.loads(out.read_text())["confusion_matrix"])
+    assert [p.config.eval.fuse_bn for p in seen] == [False, True]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in seen[1].model.modules())
+    plain, fused = matrices["false"], matrices["true"]
+    assert plain.sum() == fused.sum() > 0
+    assert np.abs(plain - fused).sum() <= 2e-3 * plain.sum()  # argmax ties at float noise

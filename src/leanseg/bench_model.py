@@ -1,9 +1,8 @@
 """Size and speed of a model's inference: parameters, FLOPs of one forward, forward latency.
 
-``leanseg bench model -c CONFIG [--backend torch|onnxruntime]`` prints :func:`model_report` as
-JSON, the latency with the backend it was measured on; benchmarks/acosp.py and
-benchmarks/fasterseg_latency.py compare models with the same functions, timed round-robin
-(:func:`round_robin_times`).
+``leanseg bench model -c CONFIG [--backend torch fused onnxruntime]`` prints
+:func:`model_report` as JSON: the latency on each backend, timed side by side. The benchmarks/
+scripts compare models with the same functions, timed round-robin (:func:`round_robin_times`).
 """
 
 from __future__ import annotations
@@ -19,9 +18,10 @@ from torch import nn
 
 from leanseg.errors import ConfigError
 from leanseg.flops import flop_counter
+from leanseg.fuse import ChannelsLast, fuse_bn
 from leanseg.ort_latency import OrtRun, require_onnxruntime
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "fused", "onnxruntime")
 
 
 def round_robin_times(
@@ -149,26 +149,65 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
     }
 
 
+def _batchnorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def backend_candidates(
+    model: nn.Module, images: torch.Tensor, threads: int, backends: Sequence[str]
+) -> dict[str, tuple[Callable[[], float], dict[str, Any]]]:
+    """Per backend a timed call (one forward on ``images``, seconds) and what it runs.
+
+    ``"torch"``: eager under the caller's ``torch.inference_mode()``; ``"fused"``:
+    :func:`leanseg.fuse_bn` (BN folded into the convs, channels_last where it is exact);
+    ``"onnxruntime"``: the model exported and run in one onnxruntime session with ``threads``
+    intra-op threads (CUDA execution provider for a CUDA model).
+    """
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends or len(set(backends)) != len(backends):
+        raise ConfigError(
+            f"--backend: got {list(backends)}; choose one or more of {list(BACKENDS)}, each once"
+        )
+    if "onnxruntime" in backends:
+        require_onnxruntime()  # before any work
+    device = images.device
+    candidates: dict[str, tuple[Callable[[], float], dict[str, Any]]] = {}
+    for name in backends:
+        if name == "torch":
+            candidates[name] = (TimedForward(model.eval(), images), torch_backend(device, threads))
+        elif name == "fused":
+            fused = fuse_bn(model, example_input=images)
+            info = {
+                **torch_backend(device, threads),
+                "name": "torch eager, BN folded (leanseg.fuse_bn)",
+                "channels_last": isinstance(fused, ChannelsLast),
+                "batchnorms_before": _batchnorms(model),
+                "batchnorms_left": _batchnorms(fused),
+            }
+            candidates[name] = (TimedForward(fused, images), info)
+        else:
+            session = OrtRun(model, images, threads)
+            candidates[name] = (session, session.backend())
+    return candidates
+
+
 def model_report(
     model: nn.Module,
     input_shape: Sequence[int],
     runs: int = 20,
     warmup: int = 5,
     threads: int | None = None,
-    backend: str = "torch",
+    backends: Sequence[str] = ("torch",),
 ) -> dict[str, Any]:
     """Parameters, FLOPs of one forward and forward latency of ``model`` (set to eval mode).
 
-    The input is N(0, 1) data of ``input_shape`` (N, C, H, W) on the model's device; latency is
-    the median / p10 / p90 of ``runs`` forwards after ``warmup`` untimed ones with ``threads``
-    intra-op threads (None: torch's current number), on ``backend``: ``"torch"`` (eager, under
-    ``torch.inference_mode()``) or ``"onnxruntime"`` (the exported model's ``session.run``).
-    ``"backend"`` in the report records what the latency was measured with.
+    The input is N(0, 1) data of ``input_shape`` (N, C, H, W) on the model's device. Each of
+    ``backends`` (:func:`backend_candidates`: ``"torch"``, ``"fused"``, ``"onnxruntime"``) is
+    timed round-robin with the others in one run, ``warmup`` untimed rounds then ``runs``
+    rounds, with ``threads`` intra-op threads (None: torch's current number).
+    ``report["backends"][name]`` holds what it ran (``"backend"``), the median / p10 / p90
+    seconds, images per second and ``"speedup"``: the first backend's median over this one's.
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend: got {backend!r}; choose one of {list(BACKENDS)}")
-    if backend == "onnxruntime":
-        require_onnxruntime()  # before any work
     shape = [int(n) for n in input_shape]
     if len(shape) != 4 or min(shape) < 1:
         raise ConfigError(f"input shape {shape}: need 4 positive sizes (N, C, H, W)")
@@ -177,24 +216,29 @@ def model_report(
     images = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     with num_threads(threads) as used:
         flops = forward_flops(model, images)
-        if backend == "torch":
-            (seconds,) = interleaved_forward_seconds([model], images, runs=runs, warmup=warmup)
-            info = torch_backend(device, used)
-        else:
-            session = OrtRun(model, images, used)
-            (seconds,) = round_robin_times([session], runs, warmup)
-            info = session.backend()
-    latency = latency_summary(seconds)
+        candidates = backend_candidates(model, images, used, backends)
+        with torch.inference_mode():
+            times = round_robin_times([step for step, _ in candidates.values()], runs, warmup)
+    measured: dict[str, dict[str, Any]] = {}
+    for (name, (_, info)), seconds in zip(candidates.items(), times, strict=True):
+        latency = latency_summary(seconds)
+        measured[name] = {
+            "backend": info,
+            **latency,
+            "images_per_second": shape[0] / latency["latency_seconds_median"],
+        }
+    first = measured[backends[0]]["latency_seconds_median"]
+    for entry in measured.values():
+        entry["speedup"] = first / entry["latency_seconds_median"]
     return {
         "input": shape,
         "device": str(device),
         "threads": used,
-        "backend": info,
         **parameter_counts(model),
         "flops": flops,
         "gflops": flops / 1e9,
         "runs": runs,
         "warmup": warmup,
-        **latency,
-        "images_per_second": shape[0] / latency["latency_seconds_median"],
+        "speedup_relative_to": backends[0],
+        "backends": measured,
     }

@@ -116,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_model.add_argument(
         "--backend",
-        choices=["torch", "onnxruntime"],
-        default="torch",
-        help="time torch eager or the exported model in onnxruntime (the [export] extra)",
+        nargs="+",
+        choices=["torch", "fused", "onnxruntime"],
+        default=["torch"],
+        help="one or more, timed side by side: torch eager, fused (BN folded, channels_last) "
+        "or the exported model in onnxruntime (the [deploy] extra); speed-ups vs the first",
     )
     bench_model.set_defaults(func=run_bench_model)
 
@@ -233,32 +235,38 @@ def _checkpoint_config(payload: dict, config_path: str | None, overrides: list[s
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from leanseg.checkpoint import load_checkpoint, model_from_checkpoint
-    from leanseg.config import inference_options
+    """Evaluate a checkpoint or an ``.onnx`` export on the config's validation split, through
+    the Predictor (model, inference settings); sharded over processes under torchrun."""
     from leanseg.data.build import build_dataset, val_loader
     from leanseg.engine.distributed import cleanup, init_distributed, process_device
     from leanseg.engine.evaluate import evaluate
     from leanseg.engine.run_dir import check_output_file
     from leanseg.engine.runtime import autocast_dtype, select_device
     from leanseg.errors import CheckpointError
+    from leanseg.predictor import Predictor
 
     out = Path(args.out) if args.out else None
     if out is not None:
         check_output_file(out, "--out")  # before the evaluation, not after it
-    if args.checkpoint.endswith(".onnx"):
-        return _eval_onnx(args, out)
-    payload = load_checkpoint(args.checkpoint)
-    cfg = _checkpoint_config(payload, args.config, args.overrides)
+    onnx = args.checkpoint.endswith(".onnx")
+    predictor = Predictor.from_checkpoint(  # a torch model moves to its process's device below
+        args.checkpoint,
+        device="auto" if onnx else "cpu",
+        config=args.config,
+        overrides=args.overrides,
+    )
+    cfg = predictor.config
     dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
-    if dataset.num_classes != payload["num_classes"]:
+    if dataset.num_classes != predictor.num_classes:
         raise CheckpointError(
-            f"checkpoint '{args.checkpoint}' predicts {payload['num_classes']} classes but the "
-            f"dataset has {dataset.num_classes}: set data.num_classes or use a matching checkpoint"
+            f"'{args.checkpoint}' predicts {predictor.num_classes} classes but the dataset has "
+            f"{dataset.num_classes}: set data.num_classes or use a matching "
+            f"{'export' if onnx else 'checkpoint'}"
         )
     info = init_distributed(cfg.train.device)
     try:
         device = process_device(select_device(cfg.train.device), info)
-        model = model_from_checkpoint(payload, args.checkpoint).to(device)
+        predictor.to(device)
         loader = val_loader(
             dataset,
             cfg.data,
@@ -267,14 +275,14 @@ def run_eval(args: argparse.Namespace) -> int:
             world_size=info.world_size,
         )
         matrix = evaluate(
-            model,
+            predictor.model,
             loader,
             num_classes=dataset.num_classes,
             ignore_index=cfg.data.ignore_index,
             device=device,
-            amp_dtype=autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, device),
+            amp_dtype=None if onnx else autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, device),
             progress=info.is_main and args.progress is not False,
-            **inference_options(cfg.eval),
+            **predictor.inference,
         )
     finally:
         cleanup(info)
@@ -294,39 +302,6 @@ def _report(matrix, class_names: list[str], out: Path | None) -> None:
         report = metrics.to_dict(class_names)
         report["confusion_matrix"] = matrix.matrix.tolist()
         write_text_atomic(out, json.dumps(report, indent=2))
-
-
-def _eval_onnx(args: argparse.Namespace, out: Path | None) -> int:
-    """``eval`` of a ``leanseg export`` file: the data from ``-c`` / overrides (an ONNX file
-    holds no config), the model in onnxruntime through the Predictor, one process."""
-    from leanseg.config import load_config
-    from leanseg.data.build import build_dataset, val_loader
-    from leanseg.engine.evaluate import evaluate
-    from leanseg.errors import CheckpointError
-    from leanseg.predictor import Predictor
-
-    cfg = load_config(args.config, args.overrides)
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint, config=args.config, overrides=args.overrides
-    )
-    dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
-    classes = predictor.model.metadata["num_classes"]
-    if dataset.num_classes != classes:
-        raise CheckpointError(
-            f"'{args.checkpoint}' predicts {classes} classes but the dataset has "
-            f"{dataset.num_classes}: set data.num_classes or use a matching export"
-        )
-    matrix = evaluate(
-        predictor.model,
-        val_loader(dataset, cfg.data, pin_memory=False),
-        num_classes=dataset.num_classes,
-        ignore_index=cfg.data.ignore_index,
-        device=predictor.device,
-        progress=args.progress is not False,
-        **predictor.inference,
-    )
-    _report(matrix, dataset.class_names, out)
-    return 0
 
 
 def run_bench_memory(args: argparse.Namespace) -> int:
@@ -375,7 +350,7 @@ def run_bench_model(args: argparse.Namespace) -> int:
         args.runs,
         args.warmup,
         args.threads,
-        backend=args.backend,
+        backends=args.backend,
     )
     header = {"model": name, "checkpoint": args.checkpoint}
     print(json.dumps({**header, **report}, indent=2))

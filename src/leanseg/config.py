@@ -149,6 +149,9 @@ class EvalConfig:
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
     base_size: int | None = None
+    # eval / predict / Predictor of a checkpoint: BN folded into the convs (leanseg.fuse_bn),
+    # channels_last; validation during training runs the model as it trains
+    fuse_bn: bool = False
 
 
 @dataclass

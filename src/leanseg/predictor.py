@@ -27,13 +27,14 @@ import torch
 from torch import nn
 
 from leanseg.checkpoint import load_checkpoint, model_from_checkpoint
-from leanseg.config import inference_options, load_config
+from leanseg.config import Config, inference_options, load_config
 from leanseg.data.image_io import read_image
 from leanseg.data.transforms import ToTensorNormalize
 from leanseg.engine.inference import predict_probs
 from leanseg.engine.predict import checkpoint_palette
 from leanseg.engine.runtime import select_device
 from leanseg.errors import DataError
+from leanseg.fuse import fuse_bn
 
 Image = np.ndarray | str | os.PathLike
 
@@ -50,10 +51,12 @@ class Predictor:
         device: torch.device,
         inference: dict[str, Any] | None = None,
         batch_size: int = 8,
+        config: Config | None = None,
     ) -> None:
         """``inference``: :func:`~leanseg.engine.inference.predict_probs` options (mode,
         scales, flip, crop_size, stride, base_size); ``batch_size``: images of the same size
-        run together, this many at a time."""
+        run together, this many at a time; ``config``: the settings it was made from (kept as
+        :attr:`config`, e.g. for ``leanseg eval``'s data)."""
         if batch_size < 1:
             raise ValueError(f"batch_size: got {batch_size}; must be >= 1")
         self.model = model.to(device).eval()
@@ -62,7 +65,19 @@ class Predictor:
         self.device = device
         self.inference = dict(inference or {})
         self.batch_size = batch_size
+        self.config = config
         self._to_tensor = ToTensorNormalize()
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes the model predicts."""
+        return len(self.class_names)
+
+    def to(self, device: torch.device | str) -> Predictor:
+        """Move the model to ``device`` (returns self)."""
+        self.device = torch.device(device)
+        self.model = self.model.to(self.device)
+        return self
 
     @classmethod
     def from_checkpoint(
@@ -77,14 +92,20 @@ class Predictor:
         """A Predictor from a ``best.pt`` / ``last.pt`` (or a shrunk checkpoint) or a
         ``leanseg export`` ``.onnx`` file (run in onnxruntime). Its settings come from the
         checkpoint's config (an ONNX file has none: the defaults), or from the YAML ``config``
-        instead, then ``overrides`` (dotted keys, e.g. ``["eval.flip=true"]``)."""
+        instead, then ``overrides`` (dotted keys, e.g. ``["eval.flip=true"]``).
+        ``eval.fuse_bn=true`` runs a checkpoint's model with BatchNorm folded into its convs
+        (:func:`leanseg.fuse_bn`, channels_last), the same predictions up to float rounding."""
         source = str(path)
         if source.endswith(".onnx"):
             return cls._from_onnx(Path(path), device, config, overrides, batch_size)
         payload = load_checkpoint(path)
         base = None if config is not None else payload["config"]
         cfg = load_config(config, list(overrides), base=base)
-        model = model_from_checkpoint(payload, source)
+        model = model_from_checkpoint(payload, source).eval()
+        if cfg.eval.fuse_bn:
+            height = cfg.data.crop_size
+            example = torch.randn(1, 3, height, cfg.data.crop_width or height)
+            model = fuse_bn(model, example_input=example)
         names = payload.get("class_names") or [str(i) for i in range(payload["num_classes"])]
         return cls(
             model,
@@ -93,6 +114,7 @@ class Predictor:
             device=select_device(device if device != "auto" else cfg.train.device),
             inference=inference_options(cfg.eval),
             batch_size=batch_size,
+            config=cfg,
         )
 
     @classmethod
@@ -130,11 +152,13 @@ class Predictor:
         torch_device = select_device(device if device != "auto" else cfg.train.device)
         return cls(
             OnnxSegmenter(path, metadata, torch_device),
-            class_names=metadata.get("class_names") or [],
+            class_names=metadata.get("class_names")
+            or [str(i) for i in range(int(metadata["num_classes"]))],
             palette=np.asarray(metadata["palette"], np.uint8).reshape(-1, 3),
             device=torch_device,
             inference=inference,
             batch_size=batch_size,
+            config=cfg,
         )
 
     # ------------------------------------------------------------------ prediction

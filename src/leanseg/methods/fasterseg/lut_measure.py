@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanseg.bench_model import BACKENDS, TimedForward, num_threads
+from leanseg.bench_model import TimedForward, num_threads
 from leanseg.errors import ConfigError
 from leanseg.methods.fasterseg.latency import LUT_FORMAT, OP_KEYS, LatencyTable
 from leanseg.models.fasterseg.network import Head, _channels_last_inference
@@ -61,6 +61,8 @@ _SKIP_RE = re.compile(rf"{OP_KEYS['skip']}_H{_N}_W{_N}_Cin{_N}_Cout{_N}_stride([
 _CONV_RE = re.compile(rf"ConvNorm_H{_N}_W{_N}_Cin{_N}_Cout{_N}_kernel{_N}_stride([12])")
 _FF_RE = re.compile(rf"ff_H{_N}_W{_N}_C{_N}")
 _HEAD_RE = re.compile(rf"head_H{_N}_W{_N}_Cin{_N}_Cout{_N}")
+
+LUT_BACKENDS = ("torch", "onnxruntime")  # what a latency table can be measured on
 
 
 def _bad_key(key: str, why: str) -> ConfigError:
@@ -159,8 +161,8 @@ def _timed_call(key: str, backend: str, device: torch.device, threads: int) -> C
 
 
 def _check_settings(backend: str, threads: int, warmup: int, target: float, repeats: int) -> None:
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend: got {backend!r}; choose one of {list(BACKENDS)}")
+    if backend not in LUT_BACKENDS:
+        raise ConfigError(f"--backend: got {backend!r}; choose one of {list(LUT_BACKENDS)}")
     if threads < 1:
         raise ConfigError(f"--threads: got {threads}; must be >= 1")
     if warmup < 0 or repeats < 1 or not target > 0:
