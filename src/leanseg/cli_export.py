@@ -11,7 +11,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add the ``export`` command to the CLI's sub-parsers."""
     export = sub.add_parser(
         "export",
-        help="write a checkpoint's model as ONNX (the [export] extra), checked in onnxruntime",
+        help="write a checkpoint's model as ONNX (the [deploy] extra), checked in onnxruntime",
     )
     export.add_argument("--checkpoint", required=True, help="a best.pt or last.pt")
     export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
