@@ -234,6 +234,29 @@ def test_corrupt_onnx_is_a_one_line_error(tmp_path, capsys):
     assert "bad.onnx" in err and "\n" not in err
 
 
+def _synthetic_checkpoint(tmp: Path, calibrated: bool = False) -> Path:
+    """A random 7-class checkpoint for the synthetic set (``calibrated``: BN statistics from a
+    forward, so that folding them changes the weights)."""
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus_resnet18", 7, **OPTIONS)
+    if calibrated:
+        with torch.no_grad():
+            model.train()
+            model(torch.randn(2, 3, 32, 32))
+    cfg = Config()
+    cfg.model.options = dict(OPTIONS)
+    path = tmp / "best.pt"
+    payload = {"model": cfg.model.name, "num_classes": 7, "model_options": dict(OPTIONS)}
+    save_checkpoint(path, {**payload, "config": to_dict(cfg), "state_dict": model.state_dict()})
+    return path
+
+
+def _synthetic_data(tmp: Path) -> list[str]:
+    """Overrides for a private synthetic set: 2 train, 3 val images."""
+    root = f"data.root={tmp / 'cache'}"
+    return [root, "data.synthetic_train=2", "data.synthetic_val=3", "data.workers=0"]
+
+
 def test_eval_through_onnx_matches_the_checkpoint(tmp_path):
     """``leanseg eval --checkpoint model.onnx -c ...`` scores the export like the checkpoint."""
     import json
@@ -241,29 +264,10 @@ def test_eval_through_onnx_matches_the_checkpoint(tmp_path):
     from leanseg.cli import main
     from leanseg.export import export_checkpoint
 
-    torch.manual_seed(0)
-    model = build_model("deeplabv3plus_resnet18", 7, **OPTIONS)
-    cfg = Config()
-    cfg.model.options = dict(OPTIONS)
-    ckpt = tmp_path / "best.pt"
-    save_checkpoint(
-        ckpt,
-        {
-            "model": cfg.model.name,
-            "num_classes": 7,
-            "model_options": dict(OPTIONS),
-            "config": to_dict(cfg),
-            "state_dict": model.state_dict(),
-        },
-    )
+    ckpt = _synthetic_checkpoint(tmp_path)
     onnx = tmp_path / "model.onnx"
     export_checkpoint(ckpt, onnx, size=(32, 32), dynamic=True)
-    data = [
-        f"data.root={tmp_path / 'cache'}",  # a private synthetic set: 2 train, 3 val images
-        "data.synthetic_train=2",
-        "data.synthetic_val=3",
-        "data.workers=0",
-    ]
+    data = _synthetic_data(tmp_path)
     reports = {}
     for name, path in (("ckpt", ckpt), ("onnx", onnx)):
         out = tmp_path / f"{name}.json"
@@ -302,30 +306,8 @@ def test_eval_of_a_checkpoint_runs_the_predictors_model(tmp_path, monkeypatch):
         return made
 
     monkeypatch.setattr(predictor_module.Predictor, "from_checkpoint", classmethod(spy))
-    torch.manual_seed(0)
-    model = build_model("deeplabv3plus_resnet18", 7, **OPTIONS)
-    with torch.no_grad():
-        model.train()
-        model(torch.randn(2, 3, 32, 32))
-    cfg = Config()
-    cfg.model.options = dict(OPTIONS)
-    ckpt = tmp_path / "best.pt"
-    save_checkpoint(
-        ckpt,
-        {
-            "model": cfg.model.name,
-            "num_classes": 7,
-            "model_options": dict(OPTIONS),
-            "config": to_dict(cfg),
-            "state_dict": model.state_dict(),
-        },
-    )
-    data = [
-        f"data.root={tmp_path / 'cache'}",
-        "data.synthetic_train=2",
-        "data.synthetic_val=3",
-        "data.workers=0",
-    ]
+    ckpt = _synthetic_checkpoint(tmp_path, calibrated=True)
+    data = _synthetic_data(tmp_path)
     matrices = {}
     for fuse in ("false", "true"):
         out = tmp_path / f"{fuse}.json"
