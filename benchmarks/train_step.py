@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from leanseg import build_model
-from leanseg.engine.runtime import autocast_dtype, select_device
+from leanseg.engine.runtime import select_device
 from leanseg.flops import flop_counter
 
 
@@ -49,7 +49,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    dtype = autocast_dtype(args.amp, "auto", device)
+    dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -13,6 +13,7 @@ TINY = [
     "model.options.channels=16",
     "data.crop_size=48",
     "data.batch_size=2",
+    "train.precision=fp32",  # the figures below are fp32's
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -224,14 +225,16 @@ def test_help_lists_commands():
 
 def test_amp_bf16_training_on_cpu(cache, tmp_path):
     work = tmp_path / "runs"
-    args = tiny(cache, work, "train.iterations=2", "train.val_interval=2", "train.amp=true")
+    args = tiny(cache, work, "train.iterations=2", "train.val_interval=2", "train.precision=bf16")
     assert main(["train", *args]) == 0
     payload = torch.load(only_run(work) / "last.pt", weights_only=True)
     assert payload["iteration"] == 2
     assert all(
         torch.isfinite(v).all() for v in payload["state_dict"].values() if v.is_floating_point()
     )
-    assert payload["config"]["train"]["amp"] is True
+    assert payload["config"]["train"]["precision"] == "bf16"
+    compute = json.loads((only_run(work) / "compute.json").read_text())
+    assert compute["precision"] == "bf16" and compute["channels_last"] is True
 
 
 def test_pretrained_weights_load_through_the_config(cache, tmp_path, capsys):

@@ -234,13 +234,15 @@ def test_bench_model_onnxruntime_records_the_backend(capsys):
     assert backend["threads"] == 1 and backend["device"] == "cpu"
     assert torch.__version__ in backend["exported_with"]
     assert 0 < entry["latency_seconds_p10"] <= entry["latency_seconds_p90"]
-    assert main(["bench", "model", *TINY, *FAST]) == 0
+    assert main(["bench", "model", *TINY, "train.precision=fp32", *FAST]) == 0
     backend = json.loads(capsys.readouterr().out)["backends"]["torch"]["backend"]
     assert backend == {
         "name": "torch eager",
         "torch": torch.__version__,
         "device": "cpu",
         "threads": 1,
+        "precision": "fp32",
+        "channels_last": False,
     }
 
 

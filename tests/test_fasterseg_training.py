@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from leanseg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from leanseg.cli import main
@@ -18,7 +17,7 @@ from leanseg.config import load_config
 from leanseg.data.synthetic import ensure_synthetic
 from leanseg.engine import trainer as trainer_module
 from leanseg.engine.dry_run import GeneratedDataset
-from leanseg.engine.objective import loss_criterion, loss_weights
+from leanseg.engine.objective import PixelCriterion, loss_criterion, loss_weights
 from leanseg.engine.optim import lr_factor, set_lr
 from leanseg.engine.trainer import Trainer
 from leanseg.errors import ConfigError
@@ -100,10 +99,10 @@ def test_loss_and_distill_defaults_are_todays_training():
     assert (cfg.distill.weight, cfg.distill.temperature, cfg.distill.reduction) == (1, 1, "mean")
     assert (cfg.optim.gamma, cfg.optim.decay_every) == (0.992, 1000)
     assert loss_weights(cfg) == {"out": 1.0, "aux": cfg.model.aux_weight}
-    assert loss_criterion(cfg) is F.cross_entropy
-    ohem = loss_criterion(load_config(None, ["loss.name=ohem", "loss.ohem_min_kept=7"]))
-    assert isinstance(ohem, functools.partial)
-    assert ohem.keywords == {"thresh": 0.7, "min_kept": 7}
+    assert loss_criterion(cfg) == PixelCriterion(ohem=None, align_corners=False)
+    ohem = loss_criterion(load_config(None, ["loss.name=ohem", "loss.ohem_min_kept=7"]), True)
+    assert ohem == PixelCriterion(ohem=(0.7, 7), align_corners=True)
+    assert cfg.loss.fused_upsampling is True
 
 
 @pytest.mark.parametrize(

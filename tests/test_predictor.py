@@ -37,6 +37,7 @@ def checkpoint(tmp_path_factory) -> Path:
         model(torch.randn(2, 3, 32, 32))
     cfg = Config()
     cfg.model.options = dict(OPTIONS)
+    cfg.train.precision = "fp32"  # compared with fp32 references
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
     save_checkpoint(
         path,
@@ -245,6 +246,7 @@ def _synthetic_checkpoint(tmp: Path, calibrated: bool = False) -> Path:
             model(torch.randn(2, 3, 32, 32))
     cfg = Config()
     cfg.model.options = dict(OPTIONS)
+    cfg.train.precision = "fp32"  # compared with fp32 references
     path = tmp / "best.pt"
     payload = {"model": cfg.model.name, "num_classes": 7, "model_options": dict(OPTIONS)}
     save_checkpoint(path, {**payload, "config": to_dict(cfg), "state_dict": model.state_dict()})
@@ -319,3 +321,18 @@ def test_eval_of_a_checkpoint_runs_the_predictors_model(tmp_path, monkeypatch):
     plain, fused = matrices["false"], matrices["true"]
     assert plain.sum() == fused.sum() > 0
     assert np.abs(plain - fused).sum() <= 2e-3 * plain.sum()  # argmax ties at float noise
+
+
+def test_predictor_runs_in_the_configured_precision(checkpoint):
+    image = _image(40, 56, seed=6)
+    bf16 = Predictor.from_checkpoint(
+        checkpoint, overrides=["train.precision=bf16", "train.channels_last=auto"]
+    )
+    assert (bf16.compute.precision, bf16.compute.channels_last) == ("bf16", True)
+    weight = next(p for p in bf16.model.parameters() if p.dim() == 4)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    probs = bf16.predict_proba(image)
+    assert probs.dtype == np.float32 and probs.shape == (3, 40, 56)
+    expected = _reference(checkpoint, image).numpy()
+    assert np.abs(probs - expected).max() < 0.05  # bf16 rounding, not another model
+    assert Predictor.from_checkpoint(checkpoint).compute.precision == "fp32"  # as configured

@@ -17,7 +17,10 @@ from torch import nn
 
 from leanseg.bench_model import round_robin_times
 from leanseg.config import Config
+from leanseg.engine.objective import PixelCriterion, loss_upsamples
+from leanseg.engine.precision import FP32, Compute, resolve_compute
 from leanseg.methods import backrazor
+from leanseg.models.base import set_training_logits_upsampled
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -58,19 +61,34 @@ def _sync(device: torch.device) -> None:
 
 
 class TrainingStep:
-    """Forward, cross-entropy, backward and an SGD step of one model on fixed data."""
+    """Forward, cross-entropy, backward and an SGD step of one model on fixed data, in the
+    precision and memory format of ``compute`` (default fp32, contiguous); with
+    ``fused_upsampling`` the model hands over feature-resolution logits and the loss upsamples
+    them (``loss.fused_upsampling``), else the model upsamples."""
 
     def __init__(
-        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, ignore_index: int
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        ignore_index: int,
+        compute: Compute = FP32,
+        fused_upsampling: bool = False,
     ) -> None:
-        self.model, self.images, self.targets = model.train(), images, targets
-        self.ignore_index = ignore_index
+        self.model, self.targets = compute.prepare(model.train()), targets
+        self.images = compute.images(images)
+        self.ignore_index, self.compute = ignore_index, compute
+        set_training_logits_upsampled(model, not fused_upsampling)
+        self.criterion = PixelCriterion(align_corners=bool(getattr(model, "align_corners", 0)))
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
 
     def loss(self) -> torch.Tensor:
-        out = self.model(self.images)
+        with self.compute.autocast(self.images.device):
+            out = self.model(self.images)
         out = out["out"] if isinstance(out, dict) else out
-        return F.cross_entropy(out, self.targets, ignore_index=self.ignore_index)
+        if out.dim() == 2:  # a classifier (resnet18_cifar): one label per image
+            return F.cross_entropy(out.float(), self.targets, ignore_index=self.ignore_index)
+        return self.criterion(out.float(), self.targets, ignore_index=self.ignore_index)
 
     def __call__(self) -> float:
         """One step; returns its wall-clock seconds (device synchronised)."""
@@ -89,6 +107,8 @@ def train_step_report(
     *,
     steps: int = 3,
     ignore_index: int = 255,
+    compute: Compute = FP32,
+    fused_upsampling: bool = False,
 ) -> dict[str, Any]:
     """Saved bytes (measured), peak memory and median time of forward+backward+SGD steps.
 
@@ -96,7 +116,7 @@ def train_step_report(
     timed steps (after a warm-up step, so optimizer state is already allocated).
     """
     device = images.device
-    step = TrainingStep(model, images, targets, ignore_index)
+    step = TrainingStep(model, images, targets, ignore_index, compute, fused_upsampling)
     saved = backrazor.saved_tensor_bytes(step.loss, exclude_parameters=True)
     step()  # warm-up
     before = rss_bytes()
@@ -123,13 +143,17 @@ def interleaved_step_seconds(
     *,
     rounds: int = 3,
     ignore_index: int = 255,
+    compute: Compute = FP32,
+    fused_upsampling: bool = False,
 ) -> list[float]:
     """Median step time of each model, timed round-robin (one step each per round).
 
     Interleaving exposes every model to the same drift of a shared machine (other processes,
     clock speed), which timing them one after another does not; one untimed round warms up.
     """
-    steps = [TrainingStep(m, images, targets, ignore_index) for m in models]
+    steps = [
+        TrainingStep(m, images, targets, ignore_index, compute, fused_upsampling) for m in models
+    ]
     for step in steps:
         step()
     return round_robin_seconds(steps, rounds)
@@ -154,11 +178,17 @@ def memory_report(cfg: Config, num_classes: int, device: torch.device) -> dict[s
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(shape, generator=generator).to(device)
     targets = torch.randint(num_classes, (shape[0], height, width), generator=generator)
-    report = train_step_report(model, images, targets.to(device))
+    compute = resolve_compute(cfg.train.precision, cfg.train.channels_last, device, model)
+    fused = loss_upsamples(cfg)
+    report = train_step_report(
+        model, images, targets.to(device), compute=compute, fused_upsampling=fused
+    )
     report["analytic_saved_bytes"] = backrazor.analytic_saved_bytes(model, shape)
     return {
         "model": cfg.model.name,
         "input": list(shape),
+        "compute": compute.to_dict(),
+        "loss_fused_upsampling": fused,
         "backrazor_ratio": cfg.backrazor.ratio,
         "backrazor_scope": cfg.backrazor.scope,
         "backrazor_value_dtype": cfg.backrazor.value_dtype,

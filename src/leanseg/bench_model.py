@@ -7,6 +7,7 @@ scripts compare models with the same functions, timed round-robin (:func:`round_
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -93,15 +94,23 @@ def forward_flops(model: nn.Module, images: torch.Tensor) -> int:
 
 
 class TimedForward:
-    """Calling it times one forward of ``model`` on ``images`` (device synchronised)."""
+    """Calling it times one forward of ``model`` on ``images`` (device synchronised), under
+    autocast to ``autocast_dtype`` when given."""
 
-    def __init__(self, model: nn.Module, images: torch.Tensor) -> None:
-        self.model, self.images = model, images
+    def __init__(
+        self, model: nn.Module, images: torch.Tensor, autocast_dtype: torch.dtype | None = None
+    ) -> None:
+        self.model, self.images, self.autocast_dtype = model, images, autocast_dtype
 
     def __call__(self) -> float:
+        device = self.images.device
         start = time.perf_counter()
-        self.model(self.images)
-        _sync(self.images.device)
+        if self.autocast_dtype is None:
+            self.model(self.images)
+        else:
+            with torch.autocast(device.type, dtype=self.autocast_dtype):
+                self.model(self.images)
+        _sync(device)
         return time.perf_counter() - start
 
 
@@ -154,14 +163,21 @@ def _batchnorms(model: nn.Module) -> int:
 
 
 def backend_candidates(
-    model: nn.Module, images: torch.Tensor, threads: int, backends: Sequence[str]
+    model: nn.Module,
+    images: torch.Tensor,
+    threads: int,
+    backends: Sequence[str],
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> dict[str, tuple[Callable[[], float], dict[str, Any]]]:
     """Per backend a timed call (one forward on ``images``, seconds) and what it runs.
 
-    ``"torch"``: eager under the caller's ``torch.inference_mode()``; ``"fused"``:
-    :func:`leanseg.fuse_bn` (BN folded into the convs, channels_last where it is exact);
-    ``"onnxruntime"``: the model exported and run in one onnxruntime session with ``threads``
-    intra-op threads (CUDA execution provider for a CUDA model).
+    ``"torch"``: eager under the caller's ``torch.inference_mode()``, under autocast to
+    ``autocast_dtype`` (None: fp32) and in channels_last when asked; ``"fused"``:
+    :func:`leanseg.fuse_bn` (BN folded into the convs, channels_last where it is exact), same
+    autocast; ``"onnxruntime"``: the model exported (fp32) and run in one onnxruntime session
+    with ``threads`` intra-op threads (CUDA execution provider for a CUDA model).
     """
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends or len(set(backends)) != len(backends):
@@ -171,20 +187,27 @@ def backend_candidates(
     if "onnxruntime" in backends:
         require_onnxruntime()  # before any work
     device = images.device
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
+    torch_info = {**torch_backend(device, threads), "precision": precision}
     candidates: dict[str, tuple[Callable[[], float], dict[str, Any]]] = {}
     for name in backends:
         if name == "torch":
-            candidates[name] = (TimedForward(model.eval(), images), torch_backend(device, threads))
+            eager, x = model.eval(), images
+            if channels_last:
+                eager = copy.deepcopy(model).to(memory_format=torch.channels_last).eval()
+                x = images.contiguous(memory_format=torch.channels_last)
+            step = TimedForward(eager, x, autocast_dtype)
+            candidates[name] = (step, {**torch_info, "channels_last": channels_last})
         elif name == "fused":
             fused = fuse_bn(model, example_input=images)
             info = {
-                **torch_backend(device, threads),
+                **torch_info,
                 "name": "torch eager, BN folded (leanseg.fuse_bn)",
                 "channels_last": isinstance(fused, ChannelsLast),
                 "batchnorms_before": _batchnorms(model),
                 "batchnorms_left": _batchnorms(fused),
             }
-            candidates[name] = (TimedForward(fused, images), info)
+            candidates[name] = (TimedForward(fused, images, autocast_dtype), info)
         else:
             session = OrtRun(model, images, threads)
             candidates[name] = (session, session.backend())
@@ -198,6 +221,9 @@ def model_report(
     warmup: int = 5,
     threads: int | None = None,
     backends: Sequence[str] = ("torch",),
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """Parameters, FLOPs of one forward and forward latency of ``model`` (set to eval mode).
 
@@ -216,7 +242,14 @@ def model_report(
     images = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     with num_threads(threads) as used:
         flops = forward_flops(model, images)
-        candidates = backend_candidates(model, images, used, backends)
+        candidates = backend_candidates(
+            model,
+            images,
+            used,
+            backends,
+            autocast_dtype=autocast_dtype,
+            channels_last=channels_last,
+        )
         with torch.inference_mode():
             times = round_robin_times([step for step, _ in candidates.values()], runs, warmup)
     measured: dict[str, dict[str, Any]] = {}

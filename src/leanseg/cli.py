@@ -241,7 +241,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from leanseg.engine.distributed import cleanup, init_distributed, process_device
     from leanseg.engine.evaluate import evaluate
     from leanseg.engine.run_dir import check_output_file
-    from leanseg.engine.runtime import autocast_dtype, select_device
+    from leanseg.engine.runtime import select_device
     from leanseg.errors import CheckpointError
     from leanseg.predictor import Predictor
 
@@ -280,7 +280,8 @@ def run_eval(args: argparse.Namespace) -> int:
             num_classes=dataset.num_classes,
             ignore_index=cfg.data.ignore_index,
             device=device,
-            amp_dtype=None if onnx else autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, device),
+            amp_dtype=predictor.compute.autocast_dtype,
+            channels_last=predictor.compute.channels_last,
             progress=info.is_main and args.progress is not False,
             **predictor.inference,
         )
@@ -321,6 +322,7 @@ def run_bench_model(args: argparse.Namespace) -> int:
     from leanseg.checkpoint import load_checkpoint, model_from_checkpoint
     from leanseg.config import load_config
     from leanseg.data.build import dataset_num_classes
+    from leanseg.engine.precision import resolve_compute
     from leanseg.engine.runtime import select_device
     from leanseg.engine.trainer import model_options
     from leanseg.errors import ConfigError
@@ -343,7 +345,9 @@ def run_bench_model(args: argparse.Namespace) -> int:
         model = build_model(name, num_classes, **model_options(cfg))
     size = args.size or [cfg.data.crop_size, cfg.data.crop_width or cfg.data.crop_size]
     height, width = size if len(size) == 2 else size * 2
-    model = model.to(select_device(cfg.train.device))
+    device = select_device(cfg.train.device)
+    model = model.to(device)
+    compute = resolve_compute(cfg.train.precision, cfg.train.channels_last, device, model)
     report = model_report(
         model,
         (args.batch, 3, height, width),
@@ -351,8 +355,10 @@ def run_bench_model(args: argparse.Namespace) -> int:
         args.warmup,
         args.threads,
         backends=args.backend,
+        autocast_dtype=compute.autocast_dtype,
+        channels_last=compute.channels_last,
     )
-    header = {"model": name, "checkpoint": args.checkpoint}
+    header = {"model": name, "checkpoint": args.checkpoint, "compute": compute.to_dict()}
     print(json.dumps({**header, **report}, indent=2))
     return 0
 

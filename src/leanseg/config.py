@@ -105,6 +105,10 @@ class LossConfig:
     # are reported); null: {out: 1, aux: model.aux_weight}. A mapping merges key by key with
     # the YAML's: loss.weights=null goes back to the default
     weights: dict[str, float] | None = None
+    # the models hand over feature-resolution training logits and the loss upsamples them
+    # (the same loss and gradients, without saving full-resolution tensors for backward);
+    # false: the model upsamples, as before. Not with distill.teacher (KD is at input size)
+    fused_upsampling: bool = True
 
 
 @dataclass
@@ -130,8 +134,14 @@ class TrainConfig:
     log_interval: int = 20
     seed: int = 0
     device: str = "auto"
-    amp: bool = False
-    amp_dtype: str = "auto"
+    # autocast: auto = bf16 on CPUs with native bf16 (avx512_bf16 / AMX) and on CUDA devices
+    # with bf16, fp16 (+ loss scaling) on older GPUs, fp32 elsewhere. Losses, metrics and BN
+    # statistics stay fp32
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    # auto: where precision auto picks bf16 / fp16 (and not on the CPU for GroupNorm models,
+    # whose channels_last CPU kernel is inexact)
+    channels_last: str = "auto"  # auto | true | false
+    compile: bool = False  # torch.compile the training model (eager, with a warning, on failure)
     work_dir: str = "runs"
     name: str | None = None
     tensorboard: bool = True
@@ -258,7 +268,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "loss.name": ("ce", "ohem"),
     "distill.reduction": ("mean", "pixel"),
     "train.device": ("auto", "cpu", "cuda"),
-    "train.amp_dtype": ("auto", "bf16", "fp16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.channels_last": ("auto", "true", "false"),
     "train.on_nonfinite": ("stop", "skip"),
     "eval.mode": ("whole", "slide"),
     "backrazor.scope": ("backbone", "head", "all"),
@@ -399,7 +410,7 @@ def load_config(
     """
     merged = OmegaConf.structured(Config)
     try:
-        sources = [OmegaConf.create(base)] if base is not None else []
+        sources = [OmegaConf.create(_upgrade(base))] if base is not None else []
         if path is not None:
             sources.append(_read_yaml(Path(path)))
         if overrides:
@@ -411,8 +422,21 @@ def load_config(
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err, source=path)) from None
+    cfg.train.channels_last = str(cfg.train.channels_last).lower()  # YAML true -> "True"
     validate(cfg)
     return cfg
+
+
+def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config from an older leanseg in today's keys: ``train.amp`` /
+    ``train.amp_dtype`` became ``train.precision`` (an fp32 run stays fp32)."""
+    train = saved.get("train")
+    if not isinstance(train, dict) or not ({"amp", "amp_dtype"} & set(train)):
+        return saved
+    train = dict(train)
+    amp, dtype = train.pop("amp", False), train.pop("amp_dtype", "auto")
+    train.setdefault("precision", (dtype if dtype != "auto" else "auto") if amp else "fp32")
+    return {**saved, "train": train}
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -475,10 +499,18 @@ def _nested(dotted: str, value: Any) -> DictConfig:
     return OmegaConf.create(node)
 
 
+RENAMED = {
+    "train.amp": "train.precision (auto | fp32 | bf16 | fp16)",
+    "train.amp_dtype": "train.precision (auto | fp32 | bf16 | fp16)",
+}
+
+
 def _describe(err: OmegaConfBaseException, source: str | Path | None) -> str:
     key = getattr(err, "full_key", None) or "?"
     where = f" (in '{source}' or the overrides)" if source else ""
     if isinstance(err, ConfigKeyError):
+        if key in RENAMED:
+            return f"config key '{key}'{where} is now {RENAMED[key]}"
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         return f"unknown config key '{key}'{where}; valid keys: {_valid_keys(parent)}"
     if isinstance(err, ValidationError):

@@ -31,6 +31,7 @@ from leanseg.config import Config, inference_options, load_config
 from leanseg.data.image_io import read_image
 from leanseg.data.transforms import ToTensorNormalize
 from leanseg.engine.inference import predict_probs
+from leanseg.engine.precision import resolve_compute
 from leanseg.engine.predict import checkpoint_palette
 from leanseg.engine.runtime import select_device
 from leanseg.errors import DataError
@@ -52,17 +53,22 @@ class Predictor:
         inference: dict[str, Any] | None = None,
         batch_size: int = 8,
         config: Config | None = None,
+        precision: str = "fp32",
+        channels_last: str = "false",
     ) -> None:
         """``inference``: :func:`~leanseg.engine.inference.predict_probs` options (mode,
         scales, flip, crop_size, stride, base_size); ``batch_size``: images of the same size
         run together, this many at a time; ``config``: the settings it was made from (kept as
-        :attr:`config`, e.g. for ``leanseg eval``'s data)."""
+        :attr:`config`, e.g. for ``leanseg eval``'s data); ``precision`` / ``channels_last``:
+        as ``train.precision`` / ``train.channels_last``, resolved for the device
+        (:attr:`compute`)."""
         if batch_size < 1:
             raise ValueError(f"batch_size: got {batch_size}; must be >= 1")
-        self.model = model.to(device).eval()
         self.class_names = list(class_names)
         self.palette = palette
-        self.device = device
+        self._compute_settings = (precision, channels_last)
+        self.model = model.eval()
+        self.to(device)
         self.inference = dict(inference or {})
         self.batch_size = batch_size
         self.config = config
@@ -74,9 +80,11 @@ class Predictor:
         return len(self.class_names)
 
     def to(self, device: torch.device | str) -> Predictor:
-        """Move the model to ``device`` (returns self)."""
+        """Move the model to ``device``, in the precision and layout chosen for it (returns
+        self)."""
         self.device = torch.device(device)
-        self.model = self.model.to(self.device)
+        self.compute = resolve_compute(*self._compute_settings, self.device, self.model)
+        self.model = self.compute.prepare(self.model.to(self.device))
         return self
 
     @classmethod
@@ -115,6 +123,8 @@ class Predictor:
             inference=inference_options(cfg.eval),
             batch_size=batch_size,
             config=cfg,
+            precision=cfg.train.precision,
+            channels_last=cfg.train.channels_last,
         )
 
     @classmethod
@@ -189,8 +199,9 @@ class Predictor:
     @torch.no_grad()
     def _batch(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         tensors = [self._to_tensor(a, np.zeros(a.shape[:2], np.uint8))[0] for a in arrays]
-        batch = torch.stack(tensors).to(self.device)
-        probs = predict_probs(self.model, batch, **self.inference)
+        batch = self.compute.images(torch.stack(tensors).to(self.device))
+        with self.compute.autocast(self.device):
+            probs = predict_probs(self.model, batch, **self.inference)
         return list(probs.float().cpu().numpy())
 
     def _array(self, image: Image) -> np.ndarray:

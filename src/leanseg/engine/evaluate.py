@@ -34,6 +34,7 @@ def evaluate(
     stride: Pair | None = None,
     base_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
     progress: bool = True,
 ) -> ConfusionMatrix:
     """Evaluate ``model`` on ``(images, masks)`` batches; return the (all-reduced) matrix.
@@ -42,6 +43,7 @@ def evaluate(
     ``flip``, ``crop_size``, ``stride`` and ``base_size`` are those of ``predict_probs``; plain
     whole-image single-scale evaluation takes the argmax of the logits directly. NaN or infinite
     scores raise :class:`NonFiniteOutputError` (an argmax would silently call them class 0).
+    ``amp_dtype``: autocast dtype (None: fp32); ``channels_last``: batches in that format.
     """
     check_options(mode, scales, crop_size, stride)
     device = torch.device(device)
@@ -58,6 +60,8 @@ def evaluate(
         # disable=None: tqdm switches itself off when stderr is not a terminal.
         for images, masks in tqdm(loader, desc="eval", disable=None if progress else True):
             images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             masks = masks.to(device, non_blocking=True)
             with autocast:
                 if fast:

@@ -80,7 +80,8 @@ def segmentation_loss(
     """``sum(weights[k] * criterion(outputs[k].float(), masks, ignore_index=...))`` over outputs.
 
     ``criterion`` is e.g. ``F.cross_entropy`` or ``functools.partial(ohem_cross_entropy,
-    thresh=0.7, min_kept=...)``; every output must be at the resolution of ``masks``. Weights of
+    thresh=0.7, min_kept=...)``; every output must be at the resolution of ``masks`` (or at
+    feature resolution for a criterion that upsamples, ``objective.PixelCriterion``). Weights of
     keys the model did not return are unused (an aux weight for a model without an aux head); an
     output without a weight is a ValueError. ``{"out": 1, "aux": aux_weight}`` with
     ``F.cross_entropy`` is exactly the trainer's current loss.

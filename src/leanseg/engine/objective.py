@@ -7,8 +7,8 @@ The loss itself is :func:`leanseg.engine.losses.segmentation_loss` (+ the KD ter
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torch import nn
 from leanseg.config import Config
 from leanseg.engine.losses import Criterion, ohem_cross_entropy
 from leanseg.engine.runtime import rng_state, set_rng_state
+from leanseg.engine.upsampled_loss import upsampled_cross_entropy
 from leanseg.errors import ConfigError
 
 PROBE_SIZE = 64  # the probe forward's largest side: output keys do not depend on the size
@@ -29,13 +30,44 @@ def loss_weights(cfg: Config) -> dict[str, float]:
     return dict(cfg.loss.weights)
 
 
-def loss_criterion(cfg: Config) -> Criterion:
-    """``F.cross_entropy`` (``loss.name=ce``) or OHEM cross-entropy with the config's settings."""
-    if cfg.loss.name == "ohem":
-        return functools.partial(
-            ohem_cross_entropy, thresh=cfg.loss.ohem_thresh, min_kept=cfg.loss.ohem_min_kept
+@dataclass(frozen=True)
+class PixelCriterion:
+    """Cross-entropy (or OHEM cross-entropy with ``ohem=(thresh, min_kept)``) of logits at the
+    target's size, or of feature-resolution logits that it upsamples itself
+    (:func:`~leanseg.engine.upsampled_loss.upsampled_cross_entropy`, bilinear with
+    ``align_corners``): the same loss, without saving full-resolution tensors for backward."""
+
+    ohem: tuple[float, int] | None = None
+    align_corners: bool = False
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int):
+        if logits.shape[-2:] != target.shape[-2:]:
+            return upsampled_cross_entropy(
+                logits,
+                target,
+                align_corners=self.align_corners,
+                ignore_index=ignore_index,
+                ohem=self.ohem,
+            )
+        if self.ohem is None:
+            return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
+        thresh, min_kept = self.ohem
+        return ohem_cross_entropy(
+            logits, target.long(), ignore_index=ignore_index, thresh=thresh, min_kept=min_kept
         )
-    return F.cross_entropy
+
+
+def loss_criterion(cfg: Config, align_corners: bool = False) -> Criterion:
+    """CE (``loss.name=ce``) or OHEM CE with the config's settings, for logits at the target's
+    size or at feature resolution (upsampled with ``align_corners``, the model's)."""
+    ohem = (cfg.loss.ohem_thresh, cfg.loss.ohem_min_kept) if cfg.loss.name == "ohem" else None
+    return PixelCriterion(ohem, align_corners)
+
+
+def loss_upsamples(cfg: Config) -> bool:
+    """Whether the loss upsamples the model's training logits (``loss.fused_upsampling``; not
+    with distillation, whose KD term compares input-size logits)."""
+    return cfg.loss.fused_upsampling and cfg.distill.teacher is None
 
 
 def check_loss_weights(

@@ -1,4 +1,4 @@
-"""Device selection, autocast dtype and seeding."""
+"""Device selection and seeding."""
 
 from __future__ import annotations
 
@@ -19,17 +19,6 @@ def select_device(name: str = "auto") -> torch.device:
             "config key 'train.device': cuda requested but no GPU is visible; use cpu"
         )
     return torch.device(name)
-
-
-def autocast_dtype(enabled: bool, requested: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``device`` (None when AMP is off): bf16 on CPU, fp16 on CUDA."""
-    if not enabled:
-        return None
-    if requested == "auto":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
-    if requested == "fp16" and device.type == "cpu":
-        raise ConfigError("config key 'train.amp_dtype': fp16 autocast needs CUDA; use bf16 on CPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[requested]
 
 
 def seed_everything(seed: int) -> None:

@@ -8,6 +8,7 @@ directory keeps a second process out.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,6 +143,10 @@ def _fit(
     if not announced:
         say(f"run directory: {run_dir}")
     say(model_summary(trainer.model))
+    say(f"compute: {trainer.compute.describe()}")
+    if current().is_main:
+        record = {**trainer.compute.to_dict(), "device": str(trainer.device)}
+        write_text_atomic(run_dir / "compute.json", json.dumps(record, indent=2) + "\n")
     try:
         metrics = trainer.fit(stop_at=stop_at)
     finally:

@@ -7,7 +7,6 @@ replaces it to inject faults).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from leanseg.checkpoint import (
 )
 from leanseg.config import Config, inference_options, to_dict
 from leanseg.data.build import build_datasets, dataset_num_classes, train_loader, val_loader
+from leanseg.engine.compile import compile_or_eager
 from leanseg.engine.distributed import any_rank, barrier, current, process_device, wrap_model
 from leanseg.engine.evaluate import NonFiniteOutputError, evaluate
 from leanseg.engine.losses import distillation_loss, segmentation_loss
@@ -33,14 +33,15 @@ from leanseg.engine.metrics import SegMetrics
 from leanseg.engine.objective import (
     check_loss_weights,
     loss_criterion,
+    loss_upsamples,
     loss_weights,
     training_outputs,
 )
 from leanseg.engine.optim import build_optimizer, lr_factor, set_lr
+from leanseg.engine.precision import resolve_compute
 from leanseg.engine.run_dir import truncate_metrics
 from leanseg.engine.run_log import RunLog
 from leanseg.engine.runtime import (
-    autocast_dtype,
     rng_state,
     seed_everything,
     select_device,
@@ -52,6 +53,7 @@ from leanseg.errors import DataError, LeansegError
 from leanseg.methods import acosp, backrazor
 from leanseg.models import build_model
 from leanseg.models import model_options as accepted_options
+from leanseg.models.base import set_training_logits_upsampled
 from leanseg.models.pretrained import load_pretrained
 from leanseg.viz import prediction_panels
 
@@ -141,14 +143,21 @@ class Trainer:
         self.dist = current()
         self.progress = progress if self.dist.is_main else False
         self.device = process_device(select_device(cfg.train.device), self.dist)
-        self.amp_dtype = autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, self.device)
         seed_everything(cfg.train.seed)
         self.options = model_options(cfg)
         num_classes = (
             datasets[0].num_classes if datasets is not None else dataset_num_classes(cfg.data)
         )
         model = build_model(cfg.model.name, num_classes, **self.options)
-        self.loss_weights, self.criterion = loss_weights(cfg), loss_criterion(cfg)
+        self.compute = resolve_compute(
+            cfg.train.precision, cfg.train.channels_last, self.device, model
+        )
+        self.amp_dtype = self.compute.autocast_dtype
+        if loss_upsamples(cfg):
+            set_training_logits_upsampled(model, False)
+        align_corners = bool(getattr(model, "align_corners", False))
+        self.loss_weights = loss_weights(cfg)
+        self.criterion = loss_criterion(cfg, align_corners)
         self.outputs_checked = self._check_outputs(model)  # on the CPU, before any data
         self.teacher = self._teacher(teacher, num_classes)
         if not self.dist.is_main:
@@ -172,9 +181,11 @@ class Trainer:
         self.mask_schedule = acosp_schedule(cfg, len(self.train_set), self.dist.world_size)
         if cfg.backrazor.ratio is not None:
             backrazor.apply_config(model, cfg.backrazor)
-        model = model.to(self.device)
+        model = self.compute.prepare(model.to(self.device))
         self.net = wrap_model(model, self.device, self.dist)  # DDP + SyncBN when distributed
         self.model = self.net.module if self.net is not model else model
+        if cfg.train.compile:
+            self.net = compile_or_eager(self.net, say=tqdm.write if self.dist.is_main else None)
         self.optimizer = build_optimizer(
             self.model,
             name=cfg.optim.name,
@@ -288,11 +299,6 @@ class Trainer:
         set_rng_state(payload["rng"])
 
     # -- loop ----------------------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def train_step(self, images: torch.Tensor, masks: torch.Tensor) -> float:
         """One forward/backward/update at the scheduled LR; returns the loss.
 
@@ -317,7 +323,8 @@ class Trainer:
             decay_every=cfg.optim.decay_every,
         )
         set_lr(self.optimizer, factor, cfg.optim.min_lr)
-        with self._autocast():
+        images = self.compute.images(images)
+        with self.compute.autocast(self.device):
             outputs = self.net(images)
             target = teacher_logits(self.teacher, images) if self.teacher is not None else None
         if not self.outputs_checked:
@@ -457,6 +464,7 @@ class Trainer:
                 ignore_index=cfg.data.ignore_index,
                 device=self.device,
                 amp_dtype=self.amp_dtype,
+                channels_last=self.compute.channels_last,
                 **inference_options(cfg.eval),
                 progress=False,
             )

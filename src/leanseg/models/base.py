@@ -65,25 +65,43 @@ def aux_head(
     return head
 
 
+def set_training_logits_upsampled(model: nn.Module, upsampled: bool) -> int:
+    """Whether the models in ``model`` upsample their training logits to the input size
+    (``True``, the default) or hand them over at feature resolution, for a loss that upsamples
+    them itself (``leanseg.engine.upsampled_loss``). Eval outputs are always input-size.
+    Returns how many modules have the switch (``training_logits_upsampled``)."""
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, "training_logits_upsampled"):
+            module.training_logits_upsampled = upsampled
+            switched += 1
+    return switched
+
+
 class SegmentationModel(nn.Module):
     """Shared forward: ``backbone`` -> ``classifier`` (+ ``aux_classifier`` in training).
 
     Returns ``{"out": logits}`` (plus ``"aux"`` in training when there is an aux head), both
-    bilinearly upsampled to the input size with ``align_corners``.
+    bilinearly upsampled to the input size with ``align_corners``; in training at feature
+    resolution instead when ``training_logits_upsampled`` is False
+    (:func:`set_training_logits_upsampled`).
     """
 
     backbone: nn.Module
     aux_classifier: nn.Module | None
     align_corners = False
+    training_logits_upsampled = True
 
     def _logits(self, features: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         size = x.shape[-2:]
+        upsample = not self.training or self.training_logits_upsampled
         features = self.backbone(x)
-        result = {"out": resize(self._logits(features), size, self.align_corners)}
+        logits = self._logits(features)
+        result = {"out": resize(logits, size, self.align_corners) if upsample else logits}
         if self.aux_classifier is not None and self.training:
             aux = self.aux_classifier(features["aux"])
-            result["aux"] = resize(aux, size, self.align_corners)
+            result["aux"] = resize(aux, size, self.align_corners) if upsample else aux
         return result

@@ -105,7 +105,13 @@ class Head(nn.Sequential):
 
 
 class FasterSeg(nn.Module):
-    """A derived FasterSeg network; see the module docstring for its outputs."""
+    """A derived FasterSeg network; see the module docstring for its outputs.
+
+    ``training_logits_upsampled = False`` (:func:`leanseg.models.base.
+    set_training_logits_upsampled`) hands the training outputs over at 1/8 resolution."""
+
+    align_corners = True  # zoom's
+    training_logits_upsampled = True
 
     def __init__(self, spec: ArchSpec, num_classes: int, aux: bool = False) -> None:
         super().__init__()
@@ -141,10 +147,12 @@ class FasterSeg(nn.Module):
         logits = self.classifier(self.fusion(fused))
         if nhwc:  # back before the final resize: its large output in the usual layout
             logits = logits.contiguous()
-        result = {"out": zoom(logits, size)}
+        upsample = not self.training or self.training_logits_upsampled
+        result = {"out": zoom(logits, size) if upsample else logits}
         if self.training and self.aux_heads is not None:
             for key, head in self.aux_heads.items():
                 scale = int(key)
                 inputs = [f[scale] for s, f in pairs if s >= scale]
-                result[f"aux{scale}"] = zoom(head(torch.cat(inputs, dim=1)), size)
+                aux = head(torch.cat(inputs, dim=1))
+                result[f"aux{scale}"] = zoom(aux, size) if upsample else aux
         return result
