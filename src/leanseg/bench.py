@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from leanseg.bench_model import round_robin_times
@@ -86,8 +85,6 @@ class TrainingStep:
         with self.compute.autocast(self.images.device):
             out = self.model(self.images)
         out = out["out"] if isinstance(out, dict) else out
-        if out.dim() == 2:  # a classifier (resnet18_cifar): one label per image
-            return F.cross_entropy(out.float(), self.targets, ignore_index=self.ignore_index)
         return self.criterion(out.float(), self.targets, ignore_index=self.ignore_index)
 
     def __call__(self) -> float:

@@ -41,7 +41,7 @@ class PixelCriterion:
     align_corners: bool = False
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int):
-        if logits.shape[-2:] != target.shape[-2:]:
+        if logits.dim() == 4 and logits.shape[-2:] != target.shape[-2:]:
             return upsampled_cross_entropy(
                 logits,
                 target,
