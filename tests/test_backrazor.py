@@ -549,3 +549,204 @@ def test_value_dtype_and_bn_mode_validation() -> None:
             br.apply(model, 0.5, value_dtype=value_dtype)
     with pytest.raises(ConfigError, match="backrazor.bn"):
         br.apply(model, 0.5, bn="sync")
+
+
+# ---------------------------------------------------------------------------- bf16, channels_last
+
+
+def _bf16_channels_last_step(
+    model: nn.Module, x: Tensor, target: Tensor, lr: float = 0.1
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """One SGD step under bf16 autocast, channels_last model and input: (out, loss, grads)."""
+    model = model.train().to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    torch.manual_seed(1)  # the same dropout masks
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _out(model(x))
+    loss = F.cross_entropy(out.float(), target)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    optimizer.step()
+    return out, loss, grads
+
+
+@pytest.mark.parametrize("name", ["deeplabv3_mobilenetv2", "deeplabv3_resnet50"])
+def test_bf16_channels_last_step_is_stock_at_ratio_zero_and_finite_at_0_9(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    stock = build_model(name, 5, width_mult=0.25)
+    x = torch.randn(2, 3, 48, 48)
+    target = torch.randint(5, (2, 48, 48))
+    out, loss, grads = _bf16_channels_last_step(copy.deepcopy(stock), x, target)
+    out0, loss0, grads0 = _bf16_channels_last_step(_sparse(stock, 0.0), x, target)
+    # ratio 0 keeps every nonzero entry: the same computation as the stock layers, bit for bit
+    assert out.dtype == torch.bfloat16 and torch.equal(out, out0) and torch.equal(loss, loss0)
+    assert grads.keys() == grads0.keys()
+    for key, grad in grads.items():
+        assert torch.equal(grad, grads0[key]), key
+    sparse9 = _sparse(stock, 0.9)
+    stored: list[tuple[torch.dtype, torch.dtype]] = []  # (input dtype, kept values dtype)
+    sparsify = br.functions.sparsify_stored
+
+    def spy(x: Tensor, *args: object) -> tuple[Tensor, Tensor, br.packing.Layout]:
+        packed, values, layout = sparsify(x, *args)  # type: ignore[arg-type]
+        stored.append((x.dtype, values.dtype))
+        return packed, values, layout
+
+    monkeypatch.setattr(br.functions, "sparsify_stored", spy)
+    before = {k: p.detach().clone() for k, p in sparse9.named_parameters()}
+    out9, loss9, grads9 = _bf16_channels_last_step(sparse9, x, target)
+    # every sparse layer ran in bf16 and stored its kept values in that dtype
+    assert len(stored) > 20 and set(stored) == {(torch.bfloat16, torch.bfloat16)}
+    assert torch.equal(out9, out) and torch.isfinite(loss9)
+    assert grads9.keys() == grads.keys()
+    assert all(torch.isfinite(g).all() for g in grads9.values())
+    changed = [k for k, p in sparse9.named_parameters() if not torch.equal(p, before[k])]
+    assert changed and all(torch.isfinite(p).all() for p in sparse9.parameters())
+    assert any(not torch.equal(grads9[k], grads[k]) for k in grads)  # R = 0.9 does prune
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_channels_last_layers_keep_the_same_entries_as_contiguous(autocast: bool) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).train()
+    x = torch.randn(2, 6, 12, 12)
+    grad = torch.randn(2, 8, 12, 12)
+    results = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        model = _sparse(net, RATIO).to(memory_format=memory_format)
+        leaf = x.clone(memory_format=memory_format).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(leaf)
+        assert out.is_contiguous(memory_format=memory_format)
+        out.backward(grad.to(out.dtype).contiguous(memory_format=memory_format))
+        results.append((out, leaf.grad, [p.grad for p in model.parameters()]))
+    (out_a, dx_a, g_a), (out_b, dx_b, g_b) = results
+    # the convolutions differ by rounding between the formats (so do the stock ones)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    assert torch.allclose(out_a.float(), out_b.float(), **tol)
+    assert torch.allclose(dx_a.float(), dx_b.float(), **tol)
+    for a, b in zip(g_a, g_b, strict=True):
+        assert torch.allclose(a, b, **tol)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_channels_last_conv_weight_grad_uses_the_masked_input(autocast: bool) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1).train().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 12, 12).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    sparse = _sparse(conv, RATIO)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = sparse(x.clone().requires_grad_(True))
+    out.backward(grad.to(out.dtype))
+    cast = x.to(torch.bfloat16) if autocast else x  # what the layer sees under autocast
+    masked = cast * br.magnitude_mask(cast, RATIO)
+    reference = copy.deepcopy(conv)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ref_out = reference(masked.contiguous(memory_format=torch.channels_last))
+    ref_out.backward(grad.to(ref_out.dtype))
+    assert torch.equal(sparse.weight.grad, reference.weight.grad)
+    assert torch.equal(sparse.bias.grad, reference.bias.grad)
+
+
+def test_sparse_copy_of_a_channels_last_tensor_is_not_a_copy_and_keeps_its_strides() -> None:
+    x = torch.randn(2, 8, 6, 5, generator=torch.Generator().manual_seed(8))
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    rows, layout = br.packing.storage_rows(x_cl)
+    assert rows.data_ptr() == x_cl.data_ptr() and rows.shape == (2, 240)  # a view
+    packed, values, layout = br.packing.sparsify_stored(x_cl, 0.7)
+    back = br.packing.unsparsify_stored(packed, values, layout)
+    assert back.stride() == x_cl.stride()  # what the stock backward would have seen
+    assert torch.equal(back, x * br.magnitude_mask(x, 0.7))
+    # the same kept set as the row-major sparsifier, whatever the order of the entries
+    assert torch.equal(br.magnitude_mask(x_cl, 0.7), br.magnitude_mask(x, 0.7))
+    odd = torch.randn(3, 4, 5).transpose(0, 2)  # no sample-major layout: copied, still exact
+    packed, values, layout = br.packing.sparsify_stored(odd, 0.5)
+    assert torch.equal(
+        br.packing.unsparsify_stored(packed, values, layout), odd * br.magnitude_mask(odd, 0.5)
+    )
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_packed_max_pool_backward_is_the_stock_one_in_bf16(
+    memory_format: torch.memory_format,
+) -> None:
+    pool = nn.MaxPool2d(3, 2, 1)
+    x = torch.randn(2, 4, 17, 17, generator=torch.Generator().manual_seed(9)).bfloat16()
+    x = x.contiguous(memory_format=memory_format)
+    grad = torch.randn(2, 4, 9, 9, generator=torch.Generator().manual_seed(10)).bfloat16()
+    dx_sparse, _ = _grads(_sparse(pool, RATIO).train(), x, grad)
+    dx_stock, _ = _grads(pool, x, grad)
+    # overlapping windows add up to 4 gradients: bf16 sums must be rounded as the stock op does
+    assert torch.equal(dx_sparse, dx_stock) and dx_sparse.stride() == dx_stock.stride()
+
+
+def test_backward_reuses_dense_buffers_and_drops_them_when_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    stack = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(4)], nn.ReLU())
+    sparse = _sparse(stack.train(), RATIO)
+    x = torch.randn(2, 8, 16, 16)
+    grad = torch.randn(2, 8, 16, 16)
+    scratch = br.packing.scratch
+    with monkeypatch.context() as patch:  # nothing given back: every buffer fresh
+        patch.setattr(scratch, "give", lambda tensor: None)
+        dx_fresh, g_fresh = _grads(sparse, x, grad)
+    g_fresh = {key: value.clone() for key, value in g_fresh.items()}
+    sparse.zero_grad(set_to_none=True)
+    reused: list[bool] = []
+    take = scratch.take
+
+    def spy(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        buffer = take(numel, dtype, device)
+        reused.append(buffer is not None)
+        return buffer
+
+    monkeypatch.setattr(scratch, "take", spy)
+    dx, g = _grads(sparse, x, grad)
+    assert sum(reused) >= 3  # later layers got the buffers earlier ones were done with
+    assert not scratch.free and not scratch.armed  # all dropped when the backward ended
+    assert torch.equal(dx, dx_fresh)
+    for key, value in g.items():
+        assert torch.equal(value, g_fresh[key]), key
+
+
+def test_a_relu_output_changed_in_place_is_checked_for_signs_again() -> None:
+    torch.manual_seed(0)
+    relu, conv = _sparse(nn.ReLU(), RATIO).train(), _sparse(nn.Conv2d(4, 4, 1), RATIO).train()
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    h = relu(x)
+    with torch.no_grad():
+        h.sub_(0.5)  # now has negative entries: |h| must rank them, not h
+    out = conv(h)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    plain = h.detach()
+    masked = plain * br.magnitude_mask(plain, RATIO)
+    (expected,) = torch.autograd.grad(F.conv2d(masked, conv.weight, conv.bias), conv.weight, grad)
+    assert torch.allclose(conv.weight.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "heavy_tail", "sorted", "nan"])
+def test_banded_threshold_selection_equals_the_full_selection(kind: str) -> None:
+    gen = torch.Generator().manual_seed(11)
+    x = torch.rand(3, 200_000, generator=gen)  # many candidates a row: the banded selection
+    if kind == "ties":
+        x = (x * 40).round() / 40
+    elif kind == "heavy_tail":
+        x = torch.randn(3, 200_000, generator=gen) ** 3
+    elif kind == "sorted":
+        x = x.sort(dim=1).values
+    elif kind == "nan":
+        x[0, ::997] = float("nan")
+    for ratio in (0.5, 0.9, 0.99):
+        assert torch.equal(br.magnitude_mask(x, ratio), _reference_mask(x, ratio)), ratio
+    values = x.abs()[0].contiguous()
+    for keep in (1, 1000, 100_000, 199_000):  # direct calls, whatever the bounds
+        expected = values.topk(values.numel() - keep + 1, largest=False).values.amax()
+        got = br.selection._thresholds(values, [values.numel()], keep)[0]
+        assert torch.equal(got, expected) or (got.isnan() and expected.isnan()), keep

@@ -20,6 +20,8 @@ from leanseg.methods.backrazor.functions import (
     SparseBatchNorm2dFn,
     SparseConv2dFn,
     SparseLinearFn,
+    is_nonnegative,
+    mark_nonnegative,
 )
 from leanseg.models.layers import WSConv2d
 
@@ -45,14 +47,23 @@ class BackRazorMixin:
 
 
 def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Cast like autocast would for conv / linear, outside the Function so autograd sees it."""
+    """Cast like autocast would for conv / linear, outside the Function so autograd sees it.
+
+    Parameters stay as they are: the Functions cast them for the kernels and save the
+    parameter itself, not a low-precision copy of it (which would be kept for backward).
+    """
     first = tensors[0]
     assert first is not None
     device = first.device.type
     if not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    return tuple(
+        t.to(dtype)
+        if t is not None and t.is_floating_point() and not isinstance(t, nn.Parameter)
+        else t
+        for t in tensors
+    )
 
 
 def _int_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
@@ -179,7 +190,7 @@ class PackedReLU(BackRazorMixin, nn.ReLU):
     def forward(self, x: Tensor) -> Tensor:
         if not self._sparse_active(x):
             return super().forward(x)
-        return PackedReLUFn.apply(x, None)
+        return mark_nonnegative(PackedReLUFn.apply(x, None))
 
     def extra_repr(self) -> str:
         return nn.ReLU.extra_repr(self) + ", packed 1-bit mask"
@@ -191,7 +202,7 @@ class PackedReLU6(BackRazorMixin, nn.ReLU6):
     def forward(self, x: Tensor) -> Tensor:
         if not self._sparse_active(x):
             return super().forward(x)
-        return PackedReLUFn.apply(x, 6.0)
+        return mark_nonnegative(PackedReLUFn.apply(x, 6.0))
 
     def extra_repr(self) -> str:
         return nn.ReLU6.extra_repr(self) + ", packed 1-bit mask"
@@ -212,7 +223,8 @@ class PackedMaxPool2d(BackRazorMixin, nn.MaxPool2d):
         )
         if self.return_indices or kernel[0] * kernel[1] > 256 or not self._sparse_active(x):
             return super().forward(x)
-        return PackedMaxPool2dFn.apply(x, kernel, stride, padding, dilation, self.ceil_mode)
+        out = PackedMaxPool2dFn.apply(x, kernel, stride, padding, dilation, self.ceil_mode)
+        return mark_nonnegative(out) if is_nonnegative(x) else out
 
     def extra_repr(self) -> str:
         return nn.MaxPool2d.extra_repr(self) + ", saves 1-byte argmax offsets"
