@@ -28,6 +28,7 @@ import torch
 
 from leanseg import build_model
 from leanseg.bench import interleaved_step_seconds, train_step_report
+from leanseg.config import CHOICES
 from leanseg.engine.precision import resolve_compute
 from leanseg.engine.runtime import select_device
 from leanseg.methods import backrazor
@@ -122,8 +123,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
+    parser.add_argument("--precision", default="auto", choices=CHOICES["train.precision"])
+    parser.add_argument("--channels-last", default="auto", choices=CHOICES["train.channels_last"])
     parser.add_argument("--no-fused-upsampling", dest="fused_upsampling", action="store_false")
     args = parser.parse_args()
     device = select_device(args.device)

@@ -750,3 +750,30 @@ def test_banded_threshold_selection_equals_the_full_selection(kind: str) -> None
         expected = values.topk(values.numel() - keep + 1, largest=False).values.amax()
         got = br.selection._thresholds(values, [values.numel()], keep)[0]
         assert torch.equal(got, expected) or (got.isnan() and expected.isnan()), keep
+
+
+def test_autocast_saves_no_low_precision_copy_of_the_weights() -> None:
+    """Under bf16 autocast the sparse conv / linear save the fp32 parameter, not a bf16 cast
+    of it (the stock layers keep such a copy alive for backward)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(512, 4)
+    )
+    sparse = _sparse(model, 0.5)
+    params = {p.data_ptr() for p in sparse.parameters()}
+    copies: list[tuple[int, ...]] = []
+
+    def pack(t: Tensor) -> Tensor:
+        # a parameter-shaped bf16 tensor that is not the parameter: autocast's weight copy
+        if t.dtype == torch.bfloat16 and t.data_ptr() not in params and t.grad_fn is not None:
+            copies.append(tuple(t.shape))
+        return t
+
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sparse(x)
+    assert copies == []
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in sparse.parameters())
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -79,11 +79,9 @@ def storage_rows(x: Tensor) -> tuple[Tensor, Layout]:
     return rows, Layout(tuple(x.shape), tuple(x.stride()))
 
 
-def padded_bool(numel: int, device: torch.device, zeroed: bool = False) -> Tensor:
-    """A bool buffer of ``numel`` rounded up to 8: all False (``zeroed``), or just the padding."""
+def padded_bool(numel: int, device: torch.device) -> Tensor:
+    """A bool buffer of ``numel`` rounded up to 8, uninitialised except the padding (False)."""
     size = numel + (-numel) % 8
-    if zeroed:
-        return torch.zeros(size, dtype=torch.bool, device=device)
     buffer = torch.empty(size, dtype=torch.bool, device=device)
     buffer[numel:] = False
     return buffer
