@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fasterseg_latency import _ms, _size, cpu_name
+from result_file import machine, parse_size, summary_ms, write_result
 from torch import nn
 
 from leanseg import build_model
@@ -115,7 +115,7 @@ def bench_size(
         with num_threads(count), torch.inference_mode():
             times = round_robin_times(steps, runs, warmup)
         for entry, seconds in zip(entries, times, strict=True):
-            entry.update(_ms(seconds))
+            entry.update(summary_ms(seconds))
         for backends in models.values():
             base = backends["torch"]["median_ms"]
             for entry in backends.values():
@@ -144,7 +144,7 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--sizes", nargs="+", type=_size, default=[(512, 512), (512, 1024), (1024, 2048)]
+        "--sizes", nargs="+", type=parse_size, default=[(512, 512), (512, 1024), (1024, 2048)]
     )
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "deploy",
         "command": " ".join(["python", "benchmarks/deploy.py", *argv]),
-        "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count()},
+        "machine": machine(),
         "torch": torch.__version__,
         "batch": 1,
         "threads": args.threads,
@@ -179,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             result["sizes"][f"{size[0]}x{size[1]}"] = report
     result["load_average_after"] = os.getloadavg()
     result["targets"] = targets(result)
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_result(result, args.out)
     return 0
 
 

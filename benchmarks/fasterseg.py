@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from result_file import machine, write_result
 from synthetic_runs import train_run
 
 from leanseg.checkpoint import load_checkpoint, model_from_checkpoint
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {json.dumps(trained[name])}", file=sys.stderr)
     if args.train_only:
         return 0
-    from fasterseg_latency import bench_models, cpu_name  # after training: torch threads
+    from fasterseg_latency import bench_models  # after training: torch threads
 
     models = {}
     for name in runs(args.work_dir):
@@ -136,15 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "fasterseg_synthetic",
         "command": " ".join(["python", "benchmarks/fasterseg.py", *sys.argv[1:]]),
-        "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count()},
+        "machine": machine(),
         "recipe": {name: overrides for name, overrides in runs(args.work_dir).items()},
         "student_seeds": {name: {**trained[name], "overrides": seeds[name]} for name in seeds},
         **measured,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_result(report, args.out)
     plot(report, args.out.with_suffix(".png"))
     return 0
 

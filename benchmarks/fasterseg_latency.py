@@ -22,18 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from result_file import machine, parse_size, summary_ms, write_result
 
 from leanseg import build_model
 from leanseg.bench_model import (
     TimedForward,
     forward_flops,
-    latency_summary,
     num_threads,
     parameter_counts,
     round_robin_times,
@@ -46,30 +45,6 @@ BASELINE = "deeplabv3_mobilenetv2"
 NUM_CLASSES = 19
 TARGETS = {"torch": 2.73, "onnxruntime": 1.35}  # student, 512x1024
 DEFAULT_OUT = Path(__file__).parent / "results" / "fasterseg_latency_cpu.json"
-
-
-def _size(text: str) -> tuple[int, int]:
-    height, _, width = text.partition("x")
-    return int(height), int(width)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _ms(seconds: list[float]) -> dict[str, float]:
-    summary = latency_summary(seconds)
-    return {
-        "median_ms": 1000 * summary["latency_seconds_median"],
-        "p10_ms": 1000 * summary["latency_seconds_p10"],
-        "p90_ms": 1000 * summary["latency_seconds_p90"],
-    }
 
 
 def torch_profile(model: torch.nn.Module, images: torch.Tensor, runs: int) -> dict[str, Any]:
@@ -135,7 +110,7 @@ def bench_models(
     with torch.inference_mode():
         times = round_robin_times(steps, runs, warmup)
     for (name, backend), seconds in zip(candidates, times, strict=True):
-        report["models"][name][backend].update(_ms(seconds))
+        report["models"][name][backend].update(summary_ms(seconds))
     report["ratios"] = {
         backend: {
             f"{BASELINE}/{name}": report["models"][BASELINE][backend]["median_ms"]
@@ -167,7 +142,7 @@ def bench_models(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", type=_size, default=[(512, 1024), (1024, 2048)])
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[(512, 1024), (1024, 2048)])
     parser.add_argument("--runs", nargs="+", type=int, default=[20, 5], help="per size")
     parser.add_argument("--warmup", nargs="+", type=int, default=[3, 1], help="per size")
     parser.add_argument("--threads", type=int, default=2)
@@ -185,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "fasterseg_latency",
         "command": " ".join(["python", "benchmarks/fasterseg_latency.py", *sys.argv[1:]]),
-        "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count()},
+        "machine": machine(),
         "threads": args.threads,
         "batch": 1,
         "num_classes": NUM_CLASSES,
@@ -204,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"{key}: {json.dumps(result['sizes'][key]['ratios'])}", file=sys.stderr)
     result["load_average_after"] = os.getloadavg()
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_result(result, args.out)
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ from typing import Any
 
 import torch
 from fasterseg import FASTERSEG_LOSS
-from fasterseg_latency import bench_models, cpu_name
+from fasterseg_latency import bench_models
+from result_file import machine, write_result
 from synthetic_runs import train_run
 
 from leanseg.config import load_config
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "fasterseg_search",
         "command": " ".join(["python", "benchmarks/fasterseg_search.py", *sys.argv[1:]]),
-        "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads},
+        "machine": machine(threads=args.threads),
         "lut": {"path": str(lut_path), **lut_info},
         "recipe": str(RECIPE.relative_to(RECIPE.parent.parent)),
         "search_runs": {"lambda > 0": str(searched), "lambda = 0": str(flat)},
@@ -234,10 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "search_history": histories,
         "total_seconds": time.perf_counter() - start,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_result(report, args.out)
     plot(histories, args.out.with_suffix(".png"))
     return 0
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fasterseg_latency import cpu_name
+from result_file import machine, write_result
 
 from leanseg import build_model
 from leanseg.bench import (
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "train_speed",
         "command": " ".join(["python", "benchmarks/train_speed.py", *(argv or sys.argv[1:])]),
-        "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "device": str(device)},
+        "machine": machine(device=str(device)),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch": args.batch,
@@ -152,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, target in TARGETS.items()
         if name in result["models"]
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_result(result, args.out)
     return 0
 
 
