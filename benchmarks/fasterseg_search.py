@@ -36,7 +36,7 @@ import torch
 from fasterseg import FASTERSEG_LOSS
 from fasterseg_latency import bench_models
 from result_file import machine, write_result
-from synthetic_runs import train_run
+from synthetic_runs import RECORDED_RECIPE, train_run
 
 from leanseg.config import load_config
 from leanseg.engine.search import search_space
@@ -91,7 +91,10 @@ def search(work: Path, name: str, overrides: list[str]) -> Path:
     done = run_dir / "benchmark_search.json"
     if done.is_file():
         return Path(json.loads(done.read_text())["run_dir"])
-    cfg = load_config(RECIPE, [f"train.work_dir={work}", f"train.name={name}", *overrides])
+    cfg = load_config(
+        RECIPE,
+        [f"train.work_dir={work}", f"train.name={name}", *RECORDED_RECIPE, *overrides],
+    )
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # stdout stays pure JSON
         real_dir, _, _ = start_search(cfg, progress=False)

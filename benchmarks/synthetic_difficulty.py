@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from synthetic_runs import RECORDED_RECIPE
 from torch import nn
 
 from leanseg.config import load_config
@@ -77,6 +78,7 @@ def colour_only(iterations: int) -> dict:
 
 def default_model(iterations: int) -> dict:
     overrides = [
+        *RECORDED_RECIPE,
         f"train.iterations={iterations}",
         f"train.val_interval={iterations}",
         "train.tensorboard=false",
