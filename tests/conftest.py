@@ -67,3 +67,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A 4-iteration run trained through the CLI with stdout a pipe (not a terminal): its run
+    directory and that stdout. Tests copy it before changing anything."""
+    from tests.test_cli import only_run, run_cli, tiny
+
+    cache = tmp_path_factory.mktemp("finished-cache")
+    ensure_synthetic(cache, num_train=16, num_val=3)
+    work = tmp_path_factory.mktemp("finished-runs")
+    args = tiny(cache, work, "train.iterations=4", "train.val_interval=2", "train.log_interval=2")
+    proc = run_cli("train", *args)
+    assert proc.returncode == 0, proc.stderr
+    return only_run(work), proc.stdout

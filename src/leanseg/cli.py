@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from leanseg import cli_export, cli_search
+from leanseg import cli_export, cli_report, cli_search
 from leanseg.errors import LeansegError
 
 EXIT_USER_ERROR = 2
@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="a best.pt or last.pt, or a leanseg export .onnx"
     )
     evaluate.add_argument("--out", help="also write the metrics as JSON to this file")
+    evaluate.add_argument(
+        "--report",
+        action="store_true",
+        help="keep the metrics in the checkpoint's run directory and rewrite its report.html",
+    )
     evaluate.set_defaults(func=run_eval)
 
     predict = sub.add_parser("predict", help="write label maps for images")
@@ -91,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
         "memory", help="saved-activation bytes (measured and analytic) and peak memory of a step"
     )
     _config_args(memory)
+    memory.add_argument(
+        "--checkpoint",
+        help="use this checkpoint's config (and keep the result in its run directory)",
+    )
     memory.set_defaults(func=run_bench_memory)
     bench_model = bench_sub.add_parser(
         "model", help="parameters, FLOPs and forward latency (eval mode) as JSON"
@@ -133,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_search.add_parsers(sub, _config_args)
     cli_export.add_parsers(sub)
+    cli_report.add_parsers(sub)
 
     data = sub.add_parser("data", help="check or prepare a dataset")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -203,10 +213,13 @@ def run_train(args: argparse.Namespace) -> int:
     trainer, metrics = result.trainer, result.metrics
     if metrics is not None and info.is_main:
         print(metrics.format_table(trainer.class_names))
-        report = json.dumps(metrics.to_dict(trainer.class_names), indent=2)
-        write_text_atomic(result.run_dir / "final_metrics.json", report)
+        report = metrics.to_dict(trainer.class_names)
+        report["confusion_matrix"] = trainer.confusion.matrix.tolist()
+        write_text_atomic(result.run_dir / "final_metrics.json", json.dumps(report, indent=2))
     best = f"{trainer.best_miou:.4f}" if trainer.best_miou > float("-inf") else "none yet"
     say(f"best val mIoU: {best}")
+    if info.is_main:
+        cli_report.refresh_report(result.run_dir)
     say(f"run directory: {result.run_dir}")
     return 0
 
@@ -248,6 +261,11 @@ def run_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         check_output_file(out, "--out")  # before the evaluation, not after it
+    if args.report and cli_report.run_dir_of(args.checkpoint) is None:
+        raise CheckpointError(
+            f"--report: '{args.checkpoint}' is not in a run directory (no config.yaml beside "
+            "it); evaluate a run's best.pt or last.pt, or drop --report"
+        )
     onnx = args.checkpoint.endswith(".onnx")
     predictor = Predictor.from_checkpoint(  # a torch model moves to its process's device below
         args.checkpoint,
@@ -288,33 +306,53 @@ def run_eval(args: argparse.Namespace) -> int:
     finally:
         cleanup(info)
     if info.is_main:
-        _report(matrix, dataset.class_names, out)
+        report = _report(matrix, dataset.class_names, out)
+        if args.report:
+            report["checkpoint"] = str(args.checkpoint)
+            cli_report.record_in_run(args.checkpoint, "eval_metrics", report)
+            cli_report.refresh_report(cli_report.run_dir_of(args.checkpoint))
     return 0
 
 
-def _report(matrix, class_names: list[str], out: Path | None) -> None:
+def _report(matrix, class_names: list[str], out: Path | None) -> dict:
     """Print an evaluation's per-class table; with ``--out`` also write it (and the confusion
-    matrix) as JSON."""
+    matrix) as JSON. Returns that record."""
     from leanseg.engine.run_dir import write_text_atomic
 
     metrics = matrix.compute()
     print(metrics.format_table(class_names))
+    report = metrics.to_dict(class_names)
+    report["confusion_matrix"] = matrix.matrix.tolist()
     if out is not None:
-        report = metrics.to_dict(class_names)
-        report["confusion_matrix"] = matrix.matrix.tolist()
         write_text_atomic(out, json.dumps(report, indent=2))
+    return report
 
 
 def run_bench_memory(args: argparse.Namespace) -> int:
     from leanseg.bench import memory_report
+    from leanseg.checkpoint import load_checkpoint
     from leanseg.config import load_config
     from leanseg.data.build import dataset_num_classes
     from leanseg.engine.runtime import select_device
 
-    cfg = load_config(args.config, args.overrides)
-    num_classes = cfg.data.num_classes or dataset_num_classes(cfg.data.dataset)
-    print(json.dumps(memory_report(cfg, num_classes, select_device(cfg.train.device)), indent=2))
+    if args.checkpoint:
+        payload = load_checkpoint(args.checkpoint)
+        cfg = _checkpoint_config(payload, args.config, args.overrides)
+        num_classes = int(payload["num_classes"])
+    else:
+        cfg = load_config(args.config, args.overrides)
+        num_classes = cfg.data.num_classes or dataset_num_classes(cfg.data.dataset)
+    report = memory_report(cfg, num_classes, select_device(cfg.train.device))
+    print(json.dumps(report, indent=2))
+    _keep_bench(args.checkpoint, "bench_memory", report)
     return 0
+
+
+def _keep_bench(checkpoint: str | None, name: str, report: dict) -> None:
+    """A bench of a run's checkpoint is kept in its run directory for ``leanseg report``."""
+    kept = cli_report.record_in_run(checkpoint, name, report) if checkpoint else None
+    if kept is not None:
+        print(f"kept in {kept}", file=sys.stderr)
 
 
 def run_bench_model(args: argparse.Namespace) -> int:
@@ -360,6 +398,7 @@ def run_bench_model(args: argparse.Namespace) -> int:
     )
     header = {"model": name, "checkpoint": args.checkpoint, "compute": compute.to_dict()}
     print(json.dumps({**header, **report}, indent=2))
+    _keep_bench(args.checkpoint, "bench_model", {**header, **report})
     return 0
 
 

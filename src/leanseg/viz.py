@@ -31,14 +31,16 @@ def prediction_panels(
     device: torch.device,
     palette: np.ndarray,
 ) -> list[np.ndarray]:
-    """For each (image, mask) sample an HxW*3 strip: image | ground truth | prediction."""
+    """For each (image, mask) sample an HxW*4 strip: image | ground truth | prediction |
+    the prediction over the image."""
     was_training = model.training
     model.eval()
     panels = []
     for image, mask in samples:
         logits = model(image.unsqueeze(0).to(device))["out"]
         pred = logits.argmax(1)[0].cpu().numpy()
-        strip = [denormalize(image), colorize(mask.numpy(), palette), colorize(pred, palette)]
+        rgb, painted = denormalize(image), colorize(pred, palette)
+        strip = [rgb, colorize(mask.numpy(), palette), painted, overlay(rgb, painted)]
         panels.append(np.concatenate(strip, axis=1))
     model.train(was_training)
     return panels

@@ -8,8 +8,8 @@ directory keeps a second process out.
 
 from __future__ import annotations
 
-import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ from leanseg.engine.run_dir import (
     remove_stale_temporaries,
     write_text_atomic,
 )
+from leanseg.engine.run_facts import efficiency, environment, train_stats, write_json
 from leanseg.engine.trainer import Trainer, model_summary
 from leanseg.errors import CheckpointError, ConfigError
 
@@ -144,11 +145,19 @@ def _fit(
         say(f"run directory: {run_dir}")
     say(model_summary(trainer.model))
     say(f"compute: {trainer.compute.describe()}")
-    if current().is_main:
+    main = current().is_main
+    if main:
         record = {**trainer.compute.to_dict(), "device": str(trainer.device)}
-        write_text_atomic(run_dir / "compute.json", json.dumps(record, indent=2) + "\n")
+        write_json(run_dir / "compute.json", record)
+        write_json(run_dir / "environment.json", environment(trainer.device))
+    first, start = trainer.iteration, time.perf_counter()
     try:
         metrics = trainer.fit(stop_at=stop_at)
+        if main:
+            seconds = time.perf_counter() - start
+            images = (trainer.iteration - first) * trainer.images_per_iteration
+            write_json(run_dir / "train_stats.json", train_stats(seconds, images, trainer.device))
+            write_json(run_dir / "efficiency.json", efficiency(trainer.model, trainer.cfg))
     finally:
         if lock is not None:
             lock.release()

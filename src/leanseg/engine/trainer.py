@@ -29,7 +29,7 @@ from leanseg.engine.compile import compile_or_eager
 from leanseg.engine.distributed import any_rank, barrier, current, process_device, wrap_model
 from leanseg.engine.evaluate import NonFiniteOutputError, evaluate
 from leanseg.engine.losses import distillation_loss, segmentation_loss
-from leanseg.engine.metrics import SegMetrics
+from leanseg.engine.metrics import ConfusionMatrix, SegMetrics
 from leanseg.engine.objective import (
     check_loss_weights,
     loss_criterion,
@@ -39,7 +39,9 @@ from leanseg.engine.objective import (
 )
 from leanseg.engine.optim import build_optimizer, lr_factor, set_lr
 from leanseg.engine.precision import resolve_compute
+from leanseg.engine.progress_log import PlainProgress, bar_wanted
 from leanseg.engine.run_dir import truncate_metrics
+from leanseg.engine.run_facts import write_samples
 from leanseg.engine.run_log import RunLog
 from leanseg.engine.runtime import (
     rng_state,
@@ -141,7 +143,7 @@ class Trainer:
         """
         self.cfg, self.run_dir = cfg, run_dir
         self.dist = current()
-        self.progress = progress if self.dist.is_main else False
+        self.progress = bar_wanted(progress) if self.dist.is_main else False
         self.device = process_device(select_device(cfg.train.device), self.dist)
         seed_everything(cfg.train.seed)
         self.options = model_options(cfg)
@@ -201,6 +203,7 @@ class Trainer:
         self.best_miou = float("-inf")
         self.log_window: list[float] = []  # losses since the last train row of metrics.jsonl
         self.log: RunLog | None = None  # opened by fit(), so a failed start writes nothing
+        self.confusion: ConfusionMatrix | None = None  # of the latest validation
 
     def _teacher(self, given: nn.Module | None, num_classes: int) -> nn.Module | None:
         """The frozen KD teacher (None without ``distill.teacher``); never part of the student's
@@ -393,6 +396,9 @@ class Trainer:
         )
         self.open_log()
         metrics, start = None, time.perf_counter()
+        plain = None  # no bar (not a terminal): a plain line every log_interval instead
+        if self.dist.is_main and not self.progress:
+            plain = PlainProgress(self.iteration, total, self.device)
         batches = iter(loader)
         with StopOnSignal("stopping after this iteration; last.pt will be written") as stop:
             try:
@@ -411,7 +417,11 @@ class Trainer:
                     lr = self.optimizer.param_groups[-1]["lr"]
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                     if self.iteration % cfg.train.log_interval == 0:
-                        self._log_train(lr, time.perf_counter() - start)
+                        window_loss = self._log_train(lr, time.perf_counter() - start)
+                        if plain is not None:
+                            images = (self.iteration - plain.first) * self.images_per_iteration
+                            line = plain.line(self.iteration, images, loss=window_loss, lr=lr)
+                            print(line, flush=True)
                     if self.iteration % cfg.train.val_interval == 0 or self.iteration == total:
                         metrics = self.validate()
                         self.net.train()
@@ -440,11 +450,18 @@ class Trainer:
             purge_step=self.iteration or None,
         )
 
-    def _log_train(self, lr: float, elapsed: float) -> None:
+    def _log_train(self, lr: float, elapsed: float) -> float:
+        """Write a train row of the losses since the last one; returns their mean."""
         window, self.log_window = self.log_window, []
         loss = sum(window) / len(window) if window else float("nan")
         record = {"loss": loss, "lr": lr, "time": elapsed}
         self.log.write(record, step=self.iteration, prefix="train")
+        return loss
+
+    @property
+    def images_per_iteration(self) -> int:
+        """Training images of one iteration, over all processes."""
+        return self.cfg.data.batch_size * self.dist.world_size
 
     def validate(self) -> SegMetrics:
         """Evaluate on the val split, log, and write last.pt (and best.pt on a new best mIoU)."""
@@ -473,6 +490,7 @@ class Trainer:
                 f"validation at iteration {self.iteration} predicts NaN or infinite scores: "
                 f"training diverged and nothing of it was saved; {DIVERGENCE_FIX}"
             ) from None
+        self.confusion = matrix
         metrics = matrix.compute()
         summary = {"mIoU": metrics.miou, "mAcc": metrics.mean_acc, "allAcc": metrics.all_acc}
         self.log.write(
@@ -493,19 +511,19 @@ class Trainer:
         return metrics
 
     def _log_samples(self) -> None:
+        """Prediction panels of the first val images: to tensorboard and ``samples/``."""
         count = min(self.cfg.train.sample_images, len(self.val_set))
-        if count == 0 or self.log.writer is None:
+        if count == 0 or not self.dist.is_main:
             return
         samples = [self.val_set[i] for i in range(count)]
         if samples[0][1].ndim < 2:  # classification targets: nothing to paint
             return
         panels = prediction_panels(self.model, samples, self.device, self.val_set.palette)
         self.log.images("val/samples", panels, self.iteration)
+        write_samples(self.run_dir, panels)
 
 
-DIVERGENCE_FIX = (
-    "lower optim.lr, raise optim.warmup_iters, or turn AMP off (or use train.amp_dtype=bf16)"
-)
+DIVERGENCE_FIX = "lower optim.lr, raise optim.warmup_iters, or train in fp32 (train.precision=fp32)"
 SKIP_HINT = "; or set train.on_nonfinite=skip to skip such batches"
 
 
