@@ -12,8 +12,8 @@ from leanseg.config import load_config
 from leanseg.engine.trainer import Trainer
 
 # The recipe the recorded synthetic-training results were measured with, before issue 15 made
-# bf16 autocast, the fused loss and AdamW lr 4e-3 the defaults: pinned so that re-running a
-# benchmark reproduces its recorded figures (a benchmark's own overrides come after these).
+# bf16 autocast, the fused loss and AdamW lr 4e-3 the defaults: pinned so that a re-run trains
+# the recorded recipe (a benchmark's own overrides come after these).
 RECORDED_RECIPE = ["optim.lr=0.002", "train.precision=fp32", "loss.fused_upsampling=false"]
 
 
