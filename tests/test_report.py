@@ -180,3 +180,22 @@ def test_report_output_must_be_an_html_file(finished_run, tmp_path):
         write_report([finished_run[0]], finished_run[0] / "config.yaml")
     proc = run_cli("report", str(tmp_path / "nothing"))
     assert proc.returncode == 2 and "not a run directory" in proc.stderr
+
+
+def test_an_acosp_run_records_kept_channels_and_the_shrunk_size(tmp_path, synthetic_root):
+    from tests.test_cli import TINY, only_run
+
+    work = tmp_path / "runs"
+    args = [*TINY, f"data.root={synthetic_root.parent}", f"train.work_dir={work}"]
+    args += ["data.synthetic_train=12", "data.synthetic_val=6", "train.iterations=2"]
+    args += ["train.val_interval=2", "acosp.sparsity=0.5", "acosp.end=1"]
+    proc = run_cli("train", *args)
+    assert proc.returncode == 0, proc.stderr
+    run = only_run(work)
+    record = json.loads((run / "efficiency.json").read_text())["acosp"]
+    assert record["sparsity"] == 0.5
+    assert all(0 < kept < total for kept, total in record["kept_channels"].values())
+    dense = json.loads((run / "efficiency.json").read_text())["parameters"]
+    assert record["shrunk_parameters"] < dense and record["shrunk_macs"] > 0
+    html = render([run])
+    assert "parameters after leanseg shrink" in html and 'id="acosp-layers"' in html

@@ -18,8 +18,9 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     """About ``count`` round tick values covering ``[low, high]``."""
     if not (math.isfinite(low) and math.isfinite(high)):
         return [0.0, 1.0]
-    if high <= low:
-        high = low + (abs(low) or 1.0)
+    if high <= low:  # one value: centre it
+        pad = abs(low) * 0.05 or 0.5
+        low, high = low - pad, high + pad
     raw = (high - low) / max(count, 1)
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
@@ -233,9 +234,12 @@ def scatter(
     body = frame.axes(x_label, y_label)
     for i, (label, x, y) in enumerate(points):
         cx, cy = frame.x(x), frame.y(y)
+        right = cx > width / 2  # label on the inner side, so it stays inside the chart
+        anchor, dx = ("end", -7) if right else ("start", 7)
         body.append(
             f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" fill="{COLOURS[i % len(COLOURS)]}">'
             f"<title>{escape(label)}: {x:g}, {y:.4f}</title></circle>"
-            f'<text x="{cx + 7:.1f}" y="{cy - 6:.1f}">{escape(label)}</text>'
+            f'<text x="{cx + dx:.1f}" y="{cy - 6:.1f}" text-anchor="{anchor}">'
+            f"{escape(label)}</text>"
         )
     return _svg(name, width, height, title, body)
