@@ -35,6 +35,7 @@ from leanseg.config import Config, to_dict
 from leanseg.data.build import build_datasets, train_loader, val_loader
 from leanseg.engine.metrics import ConfusionMatrix
 from leanseg.engine.objective import loss_criterion
+from leanseg.engine.progress_log import bar_wanted
 from leanseg.engine.run_dir import truncate_metrics, write_text_atomic
 from leanseg.engine.run_log import RunLog
 from leanseg.engine.runtime import rng_state, seed_everything, select_device, set_rng_state
@@ -101,7 +102,7 @@ class Searcher:
     ) -> None:
         """Nothing is written before :meth:`fit`; a missing or mismatched latency table fails
         before the data is read."""
-        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        self.cfg, self.run_dir, self.progress = cfg, run_dir, bar_wanted(progress)
         s = cfg.search
         self.device = select_device(cfg.train.device)
         seed_everything(cfg.train.seed)
