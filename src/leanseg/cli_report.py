@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,13 +40,13 @@ def run_dir_of(checkpoint: str | Path) -> Path | None:
 def record_in_run(checkpoint: str | Path, name: str, record: dict[str, Any]) -> Path | None:
     """Keep ``record`` as ``<run dir>/<name>.json`` when ``checkpoint`` is in a run directory
     (for ``leanseg report``); returns the file written, or None."""
-    from leanseg.engine.run_dir import write_text_atomic
+    from leanseg.engine.run_facts import write_json
 
     run_dir = run_dir_of(checkpoint)
     if run_dir is None:
         return None
     path = run_dir / f"{name}.json"
-    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+    write_json(path, record)
     return path
 
 

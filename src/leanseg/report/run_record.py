@@ -55,10 +55,6 @@ class RunRecord:
         rows = self.train_rows + self.val_rows
         return max((int(r["iteration"]) for r in rows), default=0)
 
-    def fact(self, name: str, key: str) -> Any:
-        """``key`` of the ``name`` record (e.g. ``efficiency``, ``parameters``), or None."""
-        return self.facts.get(name, {}).get(key)
-
 
 FACTS = {
     "compute": "trained by leanseg before compute.json was recorded",
