@@ -1,4 +1,5 @@
-"""Every recipe in configs/ loads, validates and passes --dry-run.
+"""Every packaged recipe (src/leanseg/configs, linked as configs/) loads, validates and passes
+--dry-run.
 
 The dry run here shrinks the crop to 65 px and evaluates whole images so that the ten
 recipes fit CI on a CPU; everything else (model and its options, norm, optimizer, schedule,
@@ -7,18 +8,15 @@ AMP, classes) is the recipe's own. The full-size dry runs are `leanseg train -c 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from leanseg.cli import main
 from leanseg.config import load_config
+from leanseg.recipes import list_recipes
 
-CONFIGS = sorted(  # the search recipes (leanseg search) are tested in test_fasterseg_search.py
-    p
-    for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")
-    if not p.stem.startswith("fasterseg_search_")
-)
+CONFIGS = [  # the search recipes (leanseg search) are tested in test_fasterseg_search.py
+    recipe.path for recipe in list_recipes() if not recipe.name.startswith("fasterseg_search_")
+]
 SMALL = ["data.crop_size=65", "data.crop_width=null", "eval.mode=whole", "eval.base_size=null"]
 
 

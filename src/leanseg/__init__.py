@@ -1,30 +1,49 @@
-"""leanseg: semantic segmentation that is lean in memory, size and time."""
+"""leanseg: semantic segmentation that is lean in memory, size and time.
 
-from leanseg import methods  # noqa: F401  (registers the methods' checkpoint hooks)
+The names below are imported on first use, so that ``import leanseg`` (and ``leanseg --help``)
+does not import torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
 from leanseg.errors import CheckpointError, ConfigError, DataError, LeansegError
-from leanseg.fuse import fuse_bn
-from leanseg.models import build_model, list_models, load_pretrained
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
+_LAZY = {
+    "Predictor": "leanseg.predictor",
+    "Trainer": "leanseg.engine.trainer",
+    "load_config": "leanseg.config",
+    "fuse_bn": "leanseg.fuse",
+    "build_model": "leanseg.models",
+    "list_models": "leanseg.models",
+    "load_pretrained": "leanseg.models",
+    "register_model": "leanseg.models",
+}
+
 __all__ = [
     "CheckpointError",
-    "Predictor",
     "ConfigError",
     "DataError",
     "LeansegError",
-    "build_model",
-    "fuse_bn",
-    "list_models",
-    "load_pretrained",
     "__version__",
+    *_LAZY,
 ]
 
 
-def __getattr__(name: str):
-    """``leanseg.Predictor`` is imported on first use (it pulls in the engine)."""
-    if name == "Predictor":
-        from leanseg.predictor import Predictor
-
-        return Predictor
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name == "methods":  # ``leanseg.methods`` as an attribute, as before
+        return import_module("leanseg.methods")
     raise AttributeError(f"module 'leanseg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -145,6 +145,8 @@ def model_from_checkpoint(payload: dict[str, Any], source: str) -> nn.Module:
     The registered methods' hooks (:func:`register_rebuild`) restore what they changed, e.g.
     ACoSP's masks or a ``leanseg shrink`` checkpoint's smaller layers.
     """
+    import leanseg.methods  # noqa: F401  (registers the hooks; here, as methods import this)
+
     model = build_model(
         payload["model"], payload["num_classes"], **payload.get("model_options", {})
     )

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from leanseg import cli_export, cli_report, cli_search
+from leanseg import __version__, cli_config, cli_export, cli_report, cli_search
 from leanseg.errors import LeansegError
 
 EXIT_USER_ERROR = 2
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="leanseg", description="Lean semantic segmentation: train, evaluate, predict."
     )
+    parser.add_argument("--version", action="version", version=f"leanseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a model (defaults: the built-in synthetic dataset)")
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     shrink.set_defaults(func=run_shrink)
 
     cli_search.add_parsers(sub, _config_args)
+    cli_config.add_parsers(sub, _config_args)
     cli_export.add_parsers(sub)
     cli_report.add_parsers(sub)
 
@@ -160,7 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", help="YAML config (default: built-in defaults)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        help="a YAML file or a recipe name from `leanseg configs` (default: built-in defaults)",
+    )
     parser.add_argument(
         "overrides",
         nargs="*",

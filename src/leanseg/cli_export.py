@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from leanseg.export import DEFAULT_TOLERANCE
+TOLERANCE_HELP = "1e-4"  # leanseg.export.DEFAULT_TOLERANCE, not imported: it needs torch
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -32,16 +32,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--tolerance",
         type=float,
-        default=DEFAULT_TOLERANCE,
         help="max |logit diff| onnxruntime vs torch, times max(1, max |logit|), to keep the "
-        f"file (default {DEFAULT_TOLERANCE})",
+        f"file (default {TOLERANCE_HELP})",
     )
     export.add_argument("--force", action="store_true", help="replace an existing output file")
     export.set_defaults(func=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from leanseg.export import export_checkpoint
+    from leanseg.export import DEFAULT_TOLERANCE, export_checkpoint
 
     report = export_checkpoint(
         args.checkpoint,
@@ -49,7 +48,7 @@ def run_export(args: argparse.Namespace) -> int:
         size=tuple(args.size) if args.size else None,
         dynamic=args.dynamic,
         opset=args.opset,
-        tolerance=args.tolerance,
+        tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
         force=args.force,
     )
     print(report.format())

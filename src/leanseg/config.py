@@ -1,8 +1,9 @@
 """Typed config schema with defaults, YAML loading, dotted overrides and validation.
 
 ``load_config("configs/x.yaml", ["train.iterations=100"])`` merges, in order, the schema defaults,
-the YAML file and the overrides, then validates every value. Any problem raises one
-:class:`~leanseg.errors.ConfigError` whose message names the key and the valid choices.
+the YAML file (or a packaged recipe's name, :mod:`leanseg.recipes`) and the overrides, then
+validates every value. Any problem raises one :class:`~leanseg.errors.ConfigError` whose message
+names the key and the valid choices.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from leanseg.catalog import CAMVID_VOID, DATASET_CLASSES, model_names, model_option_names
 from leanseg.errors import ConfigError
+from leanseg.recipes import find_recipe, read_recipe
 
 
 @dataclass
@@ -412,7 +415,7 @@ def load_config(
     try:
         sources = [OmegaConf.create(_upgrade(base))] if base is not None else []
         if path is not None:
-            sources.append(_read_yaml(Path(path)))
+            sources.append(_read_yaml(path))
         if overrides:
             sources.append(OmegaConf.merge(*[_parse_override(item) for item in overrides]))
         for source in sources:
@@ -439,23 +442,9 @@ def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
     return {**saved, "train": train}
 
 
-def _read_yaml(path: Path) -> DictConfig:
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found: pass an existing YAML file to -c")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise ConfigError(
-            f"config file '{path}'{line} is not valid YAML (or uses a tag that safe loading "
-            "refuses): fix it"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file '{path}' must hold a mapping of sections (data:, model:, ...)"
-        )
-    return OmegaConf.create(data)
+def _read_yaml(value: str | Path) -> DictConfig:
+    """A YAML file or packaged recipe name, with its ``_base_`` chain (leanseg.recipes)."""
+    return OmegaConf.create(read_recipe(find_recipe(value)))
 
 
 def _parse_override(item: str) -> DictConfig:
@@ -690,8 +679,6 @@ def check_data_keys(cfg: DataConfig) -> None:
     """What ``data.dataset`` requires of the other data keys (CamVid's void label, a folder's
     class count, a ``{split}`` list pattern); ``build_dataset`` checks it too, for configs made
     without :func:`load_config`."""
-    from leanseg.data.camvid import CAMVID_VOID  # lazy: leanseg.data imports this module
-
     if cfg.dataset == "camvid" and cfg.ignore_index != CAMVID_VOID:
         raise ConfigError(
             f"config key 'data.ignore_index': CamVid marks void with {CAMVID_VOID}; set "
@@ -711,10 +698,8 @@ def check_data_keys(cfg: DataConfig) -> None:
 
 def _check_dataset(cfg: DataConfig) -> None:
     """What ``data.dataset`` implies about the other data keys, without reading any file."""
-    from leanseg.data.build import DATASETS  # lazy: leanseg.data imports this module
-
     check_data_keys(cfg)
-    classes = cfg.num_classes or DATASETS[cfg.dataset].num_classes
+    classes = cfg.num_classes or DATASET_CLASSES[cfg.dataset]
     if classes is None:
         return  # folder + palette file: the class count is in the file
     if cfg.ignore_index < classes:
@@ -731,13 +716,11 @@ def _check_dataset(cfg: DataConfig) -> None:
 
 def _check_model(cfg: ModelConfig) -> None:
     """``model.name`` is registered and ``model.options`` are options of that model."""
-    from leanseg.models import list_models, model_options  # lazy: the models need torch
-
-    if cfg.name not in list_models():
+    accepted = model_option_names(cfg.name)
+    if accepted is None:
         raise ConfigError(
-            f"config key 'model.name': unknown model {cfg.name!r}; choose one of {list_models()}"
+            f"config key 'model.name': unknown model {cfg.name!r}; choose one of {model_names()}"
         )
-    accepted = model_options(cfg.name)
     unknown = sorted(set(cfg.options) - set(accepted))
     if unknown:
         raise ConfigError(
@@ -749,12 +732,10 @@ def _check_model(cfg: ModelConfig) -> None:
 
 def _check_teacher_model(cfg: DistillConfig) -> None:
     """``distill.teacher_model`` (the dry run's stand-in teacher) is a registered model."""
-    from leanseg.models import list_models  # lazy: the models need torch
-
-    if cfg.teacher_model is not None and cfg.teacher_model not in list_models():
+    if cfg.teacher_model is not None and model_option_names(cfg.teacher_model) is None:
         raise ConfigError(
             f"config key 'distill.teacher_model': unknown model {cfg.teacher_model!r}; choose "
-            f"one of {list_models()}"
+            f"one of {model_names()}"
         )
 
 
@@ -762,10 +743,8 @@ def _check_crf(cfg: ModelConfig) -> None:
     """``model.crf`` needs a model whose builder accepts ``crf`` (``model.name`` is known)."""
     if cfg.crf is None:
         return
-    from leanseg.models import list_models, model_options  # lazy: the models need torch
-
-    if "crf" not in model_options(cfg.name):
-        supported = [name for name in list_models() if "crf" in model_options(name)]
+    if "crf" not in (model_option_names(cfg.name) or ()):
+        supported = [name for name in model_names() if "crf" in model_option_names(name)]
         raise ConfigError(
             f"config key 'model.crf': model {cfg.name!r} has no CRF head; use one of "
             f"{supported} or set model.crf=null"

