@@ -23,6 +23,7 @@ _LAZY = {
     "list_models": "leanseg.models",
     "load_pretrained": "leanseg.models",
     "register_model": "leanseg.models",
+    "register_builder": "leanseg.models",
 }
 
 __all__ = [

@@ -8,7 +8,13 @@ from leanseg.models import (  # noqa: F401  (registration)
     segnet,
 )
 from leanseg.models.pretrained import LoadReport, load_pretrained
-from leanseg.models.registry import build_model, list_models, model_options, register_model
+from leanseg.models.registry import (
+    build_model,
+    list_models,
+    model_options,
+    register_builder,
+    register_model,
+)
 
 __all__ = [
     "LoadReport",
@@ -16,5 +22,6 @@ __all__ = [
     "list_models",
     "load_pretrained",
     "model_options",
+    "register_builder",
     "register_model",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,10 +45,13 @@ ELEMENTWISE = (
     nn.Dropout2d,
     nn.Identity,
 )
-POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)  # a constant stays the same constant
+# a constant stays the same constant (nn.Upsample: any mode interpolates with weights summing to 1)
+POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
 RESIZES = (resize, F.interpolate)
 UNPOOLS = (max_unpool2d, F.max_unpool2d)
 ADDS = (operator.add, operator.iadd, torch.add)
+# functional activations: map each channel on its own (a constant to a constant)
+ELEMENTWISE_FNS = (F.relu, torch.relu, F.relu6, F.leaky_relu, F.hardtanh, torch.sigmoid)
 
 
 @dataclass
@@ -89,14 +93,57 @@ class ChannelPlan:
         return torch.from_numpy(np.flatnonzero(~self.removed(channels)))
 
 
+CONVS = (nn.Conv2d, nn.ConvTranspose2d)
+
+
 class _Tracer(fx.Tracer):
-    """Convs are leaves (also subclasses); resize and max-unpool stay calls."""
+    """Convs are leaves (also subclasses); resize and max-unpool stay calls. Remembers the
+    modules being traced, so that a trace error can name the innermost one."""
 
     def __init__(self) -> None:
         super().__init__(autowrap_functions=(resize, max_unpool2d))
+        self.stack: list[tuple[str, nn.Module]] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
+        if is_opaque(m):
+            return True
+        return isinstance(m, (*CONVS, nn.Linear)) or super().is_leaf_module(m, qualname)
+
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., object], args: tuple, kwargs: dict
+    ) -> object:
+        self.stack.append((self.path_of_module(m), m))
+        result = super().call_module(m, forward, args, kwargs)
+        self.stack.pop()  # left in place on an error: the innermost module is the culprit
+        return result
+
+
+def is_opaque(module: nn.Module) -> bool:
+    """A module marked ``acosp_leaf = True``: not traced into; its inputs and outputs keep all
+    their channels and its own masked convs only get their pruned rows zeroed by shrink."""
+    return getattr(module, "acosp_leaf", False) is True
+
+
+def _trace(model: nn.Module) -> fx.Graph:
+    """``model``'s fx graph; a forward fx cannot trace is a one-line ConfigError naming the
+    (innermost) module whose forward failed and what to change."""
+    tracer = _Tracer()
+    try:
+        return tracer.trace(model)
+    except Exception as err:  # fx raises TraceError, TypeError, ... from inside user code
+        name, module = tracer.stack[-1] if tracer.stack else ("", model)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if name:
+            where = f"{type(module).__name__} '{name}'"
+            opaque = f"mark that module opaque with `{name}.acosp_leaf = True`"
+        else:
+            where = f"the model {type(module).__name__} itself"
+            opaque = "move that step into a submodule marked opaque with `acosp_leaf = True`"
+        raise ConfigError(
+            f"acosp: torch.fx cannot trace the eval forward of {where}: {reason}; make that "
+            f"forward traceable (no Python if/for/while on tensor values: use torch.where), or "
+            f"{opaque} (its input and output channels are then kept)"
+        ) from err
 
 
 class _Analysis:
@@ -163,7 +210,7 @@ def _elementwise(module: nn.Module, x: Channels) -> Channels:
     return x.with_kind(kind, torch.where(torch.from_numpy(_const(x)), value, 0.0))
 
 
-def _conv_output(an: _Analysis, conv: nn.Conv2d, ids: np.ndarray | None) -> Channels:
+def _conv_output(an: _Analysis, conv: nn.Module, ids: np.ndarray | None) -> Channels:
     """A (masked) conv's output: 0 where its hard mask is 0, live elsewhere."""
     kind = np.zeros(conv.out_channels, np.int8)
     if hasattr(conv, "acosp_mask"):
@@ -177,11 +224,11 @@ def _call_module(an: _Analysis, name: str, module: nn.Module, args: list) -> obj
     x = args[0]
     if not isinstance(x, Channels):
         raise ConfigError(f"acosp shrink: layer '{name}' gets no tensor input")
-    if isinstance(module, nn.Conv2d):
-        if type(module) is not nn.Conv2d:
+    if isinstance(module, CONVS):
+        if type(module) not in CONVS:
             raise ConfigError(
                 f"acosp shrink: layer '{name}' is a {type(module).__name__}; only plain "
-                "nn.Conv2d layers are supported (norm='bn' models)"
+                "nn.Conv2d and nn.ConvTranspose2d layers are supported (norm='bn' models)"
             )
         if module.groups == 1:
             an.bad.append(x.ids[x.kind == TIES])  # pool indices are no conv input
@@ -214,7 +261,7 @@ def _call_module(an: _Analysis, name: str, module: nn.Module, args: list) -> obj
         return out
     raise ConfigError(
         f"acosp shrink: layer '{name}' ({type(module).__name__}) is not supported; supported: "
-        "Conv2d, BatchNorm2d, Linear, activations, dropout, pooling"
+        "Conv2d, ConvTranspose2d, BatchNorm2d, Linear, activations, dropout, pooling, Upsample"
     )
 
 
@@ -238,6 +285,12 @@ def _call_function(an: _Analysis, node: fx.Node, args: list, kwargs: dict) -> ob
             np.concatenate([np.where(_const(p), CONST, LIVE) for p in parts]).astype(np.int8),
             torch.cat([p.value for p in parts]),
         )
+    if fn in ELEMENTWISE_FNS and len(tensors) == 1 and args and args[0] is tensors[0]:
+        x = tensors[0]
+        with torch.no_grad():
+            value = fn(x.value.clone(), *args[1:], **kwargs)
+        kind = np.where(_const(x), CONST, LIVE).astype(np.int8)
+        return x.with_kind(kind, torch.where(torch.from_numpy(_const(x)), value, 0.0))
     if fn in RESIZES and tensors and args[0] is tensors[0]:
         x = tensors[0]
         return x.with_kind(np.where(_const(x), CONST, LIVE).astype(np.int8), x.value)
@@ -260,8 +313,19 @@ def _call_function(an: _Analysis, node: fx.Node, args: list, kwargs: dict) -> ob
         return None  # shapes and other plain values
     raise ConfigError(
         f"acosp shrink: operation {getattr(fn, '__name__', fn)} ({node.name}) on a feature map is "
-        "not supported; supported: add, cat, resize, max-unpool, flatten"
+        "not supported; supported: add, cat, resize, max-unpool, flatten, relu / relu6 / sigmoid"
     )
+
+
+def _opaque(an: _Analysis, node: fx.Node, args: list, kwargs: dict) -> Channels:
+    """An ``acosp_leaf`` module: every input channel stays, its output is new and live."""
+    fx.node.map_aggregate((args, kwargs), lambda a: an.keep(a) if isinstance(a, Channels) else a)
+    meta = node.meta.get("tensor_meta")
+    if not hasattr(meta, "shape") or len(meta.shape) < 2:
+        raise ConfigError(
+            f"acosp shrink: acosp_leaf module '{node.target}' must return one B x C x ... tensor"
+        )
+    return an.new(meta.shape[1])
 
 
 def _has_tensor(args: object) -> bool:
@@ -275,11 +339,19 @@ def analyse(model: nn.Module, example_size: tuple[int, int] = (32, 32)) -> Chann
     training = model.training
     model.eval()
     try:
-        graph = fx.GraphModule(model, _Tracer().trace(model))
-        first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        graph = fx.GraphModule(model, _trace(model))
+        first = next(m for m in model.modules() if isinstance(m, CONVS))
         example = first.weight.new_zeros((1, first.in_channels, *example_size))
-        with torch.no_grad():
-            ShapeProp(graph).propagate(example)
+        try:
+            with torch.no_grad():
+                ShapeProp(graph).propagate(example)
+        except Exception as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(
+                f"acosp: the model fails on a {tuple(example.shape)} zero input (the channels "
+                f"of its first registered conv; {reason}): pass an example_size the model "
+                "accepts to shrink_with_spec, and register the input conv first"
+            ) from err
         return _walk(graph, model)
     finally:
         model.train(training)
@@ -302,7 +374,10 @@ def _walk(graph: fx.GraphModule, model: nn.Module) -> ChannelPlan:
             if node.target in used and module.state_dict():
                 raise ConfigError(f"acosp shrink: layer '{node.target}' is called twice")
             used.add(node.target)
-            result = _call_module(an, node.target, module, list(args))
+            if is_opaque(module):
+                result = _opaque(an, node, list(args), dict(kwargs))
+            else:
+                result = _call_module(an, node.target, module, list(args))
         elif node.op == "call_function":
             result = _call_function(an, node, list(args), dict(kwargs))
         elif node.op == "call_method":

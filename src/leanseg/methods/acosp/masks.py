@@ -1,8 +1,9 @@
 """Learned channel masks on a model's convolutions (acosp.md sections 2-4 and 7).
 
-:func:`apply` gives every prunable convolution (every ``Conv2d`` except the output classifiers)
-a score vector and a forward hook that multiplies the conv output per channel by the mask:
-conv -> mask -> norm -> activation, as in the original. All state lives in the conv's state
+:func:`apply` gives every prunable convolution (every ``Conv2d`` and ``ConvTranspose2d`` except
+the output classifiers and convs marked ``unprunable = True``) a score vector and a forward hook
+that multiplies the conv output per channel by the mask: conv -> mask -> norm -> activation, as
+in the original. All state lives in the conv's state
 dict, next to its weight:
 
 - ``acosp_score`` (parameter, ``[C]``, N(0, 1) init): trained by the task loss only;
@@ -41,23 +42,29 @@ def channel_mask(conv: nn.Module) -> Tensor:
     return soft_mask(conv.acosp_score, conv.acosp_k, float(conv.acosp_tau))
 
 
+PRUNABLE = (nn.Conv2d, nn.ConvTranspose2d)  # the layer types apply() masks
+
+
 def output_convs(model: nn.Module) -> set[nn.Module]:
-    """The classifier convs that are never masked: the last conv of ``model.classifier`` and of
-    ``model.aux_classifier`` (DeepLab, PSPNet, SegNet's 64 -> K layer)."""
-    found = set()
+    """The convs that are never masked: the last conv of ``model.classifier`` and of
+    ``model.aux_classifier`` (DeepLab, PSPNet, SegNet's 64 -> K layer), and every conv with an
+    attribute ``unprunable = True`` (e.g. a user model's output layer)."""
+    found = {
+        m for m in model.modules() if isinstance(m, PRUNABLE) and getattr(m, "unprunable", False)
+    }
     for name in ("classifier", "aux_classifier"):
         head = getattr(model, name, None)
         if isinstance(head, nn.Module):
-            convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+            convs = [m for m in head.modules() if isinstance(m, PRUNABLE)]
             if convs:
                 found.add(convs[-1])
     return found
 
 
-def masked_convs(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
-    """``(name, conv)`` of every conv :func:`apply` has given a mask."""
+def masked_convs(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d | nn.ConvTranspose2d]]:
+    """``(name, conv)`` of every conv (or transposed conv) :func:`apply` has given a mask."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d) and hasattr(module, "acosp_score"):
+        if isinstance(module, PRUNABLE) and hasattr(module, "acosp_score"):
             yield name, module
 
 
@@ -82,7 +89,7 @@ def apply(
             "acosp: models with a CRF head (model.crf) are not supported; set model.crf=null"
         )
     skip = output_convs(model)
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m not in skip]
+    convs = [m for m in model.modules() if isinstance(m, PRUNABLE) and m not in skip]
     if not convs:
         raise ConfigError(f"acosp: {type(model).__name__} has no prunable convolutions")
     for conv in convs:
@@ -121,7 +128,7 @@ def couple_scores(model: nn.Module) -> int:
     shared = 0
     for use in plan.layers:
         conv = use.module
-        if not (isinstance(conv, nn.Conv2d) and hasattr(conv, "acosp_score")):
+        if not (isinstance(conv, PRUNABLE) and hasattr(conv, "acosp_score")):
             continue
         first = owner.setdefault(tuple(plan.roots[use.out.ids].tolist()), conv)
         if first is not conv and conv.acosp_score is not first.acosp_score:

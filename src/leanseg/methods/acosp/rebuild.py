@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from leanseg.errors import CheckpointError
-from leanseg.methods.acosp.fold import FoldedConv2d
+from leanseg.methods.acosp.fold import FoldedConv2d, FoldedConvTranspose2d
 from leanseg.methods.acosp.masks import ChannelMaskHook, apply
 
 SHRINK_FORMAT = 1
@@ -34,6 +34,18 @@ def make_layer(spec: dict[str, Any]) -> nn.Module:
         if spec.get("fold_ones") or spec.get("unpool"):
             return FoldedConv2d(*args, fold_ones=spec["fold_ones"], unpool=spec["unpool"], **common)
         return nn.Conv2d(*args, **common)
+    if kind == "conv_transpose2d":
+        options = {
+            key: tuple(spec[key])
+            for key in ("kernel_size", "stride", "padding", "output_padding", "dilation")
+        }
+        args = (spec["in_channels"], spec["out_channels"])
+        common = {"groups": spec["groups"], "bias": spec["bias"], **options}
+        if spec.get("fold_ones") or spec.get("unpool"):
+            return FoldedConvTranspose2d(
+                *args, fold_ones=spec["fold_ones"], unpool=spec["unpool"], **common
+            )
+        return nn.ConvTranspose2d(*args, **common)
     if kind == "batchnorm2d":
         return nn.BatchNorm2d(
             spec["num_features"],

@@ -19,10 +19,16 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 
 from leanseg.errors import ConfigError
-from leanseg.methods.acosp.fold import shrunk_conv, shrunk_linear, shrunk_norm
+from leanseg.methods.acosp.fold import (
+    shrunk_conv,
+    shrunk_conv_transpose,
+    shrunk_linear,
+    shrunk_norm,
+)
 from leanseg.methods.acosp.graph import ChannelPlan, LayerUse, analyse
 from leanseg.methods.acosp.masks import is_hard, masked_convs
 from leanseg.methods.acosp.rebuild import SHRINK_FORMAT, make_layer, set_module, strip_masks
@@ -50,6 +56,8 @@ def _check(model: nn.Module) -> None:
 
 
 def _layer(use: LayerUse, plan: ChannelPlan) -> tuple[dict, dict]:
+    if isinstance(use.module, nn.ConvTranspose2d):
+        return shrunk_conv_transpose(use, plan)
     if isinstance(use.module, nn.Conv2d):
         return shrunk_conv(use, plan)
     if isinstance(use.module, nn.Linear):
@@ -89,6 +97,7 @@ def shrink_with_spec(
     ]
     for name in dropped:
         set_module(small, name, None)
+    _zero_untraced(small, {use.name for use in plan.layers})
     strip_masks(small).eval()
     info = {"format": SHRINK_FORMAT, "layers": layers, "dropped": dropped}
     info["stats"] = {**_stats(plan), **terms}
@@ -100,10 +109,28 @@ def shrink(model: nn.Module) -> nn.Module:
     return shrink_with_spec(model)[0]
 
 
+@torch.no_grad()
+def _zero_untraced(model: nn.Module, traced: set[str]) -> None:
+    """Masked convs inside ``acosp_leaf`` modules keep their shape: zero their pruned output
+    channels' weights and bias, which is what the mask did."""
+    for name, conv in masked_convs(model):
+        if name in traced:
+            continue
+        dead = conv.acosp_mask == 0
+        if isinstance(conv, nn.ConvTranspose2d):  # [C_in, C_out / groups, ...] per group
+            groups = conv.groups
+            weight = conv.weight.view(groups, -1, *conv.weight.shape[1:]).transpose(1, 2)
+            weight[dead.view(groups, -1)] = 0
+        else:
+            conv.weight[dead] = 0
+        if conv.bias is not None:
+            conv.bias[dead] = 0
+
+
 def _spec_of(module: nn.Module, like: dict) -> dict:
     """``module``'s own spec in the format of ``like`` (to tell changed layers)."""
     spec = dict(like)
-    if like["type"] == "conv2d":
+    if like["type"] in ("conv2d", "conv_transpose2d"):
         spec.update(
             in_channels=module.in_channels,
             out_channels=module.out_channels,
