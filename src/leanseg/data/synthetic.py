@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from leanseg.cache import default_cache_dir
 from leanseg.data.image_io import write_image, write_mask_png
 from leanseg.data.palettes import voc_palette
 from leanseg.errors import DataError
@@ -188,12 +189,6 @@ def render_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------- cache directory
-def default_cache_dir() -> Path:
-    """``$LEANSEG_CACHE`` or ``~/.cache/leanseg``."""
-    env = os.environ.get("LEANSEG_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "leanseg"
-
-
 def dataset_dir_name(seed: int = 0, num_train: int = 1000, num_val: int = 100) -> str:
     """E.g. ``synthetic-v1-seed0-1000-100``: a new generator version gets a new directory."""
     return f"synthetic-v{GENERATOR_VERSION}-seed{seed}-{num_train}-{num_val}"
