@@ -81,7 +81,7 @@ def default_model(iterations: int) -> dict:
         *RECORDED_RECIPE,
         f"train.iterations={iterations}",
         f"train.val_interval={iterations}",
-        "train.tensorboard=false",
+        "train.loggers=[]",
     ]
     cfg = load_config(None, overrides)
     start = time.perf_counter()

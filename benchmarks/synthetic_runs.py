@@ -26,7 +26,7 @@ def train_run(overrides: list[str], run_dir: Path, *, reuse: bool = True) -> dic
     """
     done = run_dir / "benchmark_run.json"
     if not (reuse and done.is_file()):
-        cfg = load_config(None, ["train.tensorboard=false", *RECORDED_RECIPE, *overrides])
+        cfg = load_config(None, ["train.loggers=[]", *RECORDED_RECIPE, *overrides])
         run_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):

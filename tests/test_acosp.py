@@ -23,7 +23,7 @@ TINY = [
     "data.crop_size=48",
     "data.batch_size=2",
     "data.workers=0",
-    "train.tensorboard=false",
+    "train.loggers=[]",
     "train.log_interval=1",
 ]
 

@@ -256,7 +256,7 @@ def pruned_run(tmp_path_factory) -> Path:
         f"data.root={base / 'cache'}",
         "train.iterations=2",
         "train.val_interval=2",
-        "train.tensorboard=false",
+        "train.loggers=[]",
         f"train.work_dir={base / 'runs'}",
     ]
     assert main(["train", *overrides]) == 0

@@ -27,7 +27,7 @@ TINY = [
     "data.synthetic_train=16",
     "data.synthetic_val=3",
     "data.workers=0",
-    "train.tensorboard=false",
+    "train.loggers=[]",
     "train.log_interval=1",
 ]
 

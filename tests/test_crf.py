@@ -366,7 +366,7 @@ def test_train_eval_predict_through_the_cli(tmp_path, capsys):
     args = ["model.name=deeplabv3_resnet18", *options, "model.crf=ddd", "model.crf_iters=2"]
     args += [f"data.root={cache}", f"train.work_dir={work}", "data.crop_size=64"]
     args += ["data.batch_size=2", "data.synthetic_train=8", "data.synthetic_val=2"]
-    args += ["data.workers=0", "train.tensorboard=false", "train.iterations=1"]
+    args += ["data.workers=0", "train.loggers=[]", "train.iterations=1"]
     args += ["train.val_interval=1", "train.sample_images=0"]
     assert main(["train", *args]) == 0
     (run,) = [p for p in work.iterdir() if p.is_dir()]

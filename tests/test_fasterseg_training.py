@@ -27,7 +27,7 @@ from leanseg.models.fasterseg.spec import spec_to_dict
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["model.options.width_mult=0.25", "model.options.channels=16"]  # DeepLab widths
-RUN = ["data.workers=0", "train.tensorboard=false", "train.sample_images=0", "data.batch_size=2"]
+RUN = ["data.workers=0", "train.loggers=[]", "train.sample_images=0", "data.batch_size=2"]
 FASTERSEG_LOSS = [
     "model.aux=true",
     "model.options.width_mult=0.25",
@@ -101,14 +101,14 @@ def test_loss_and_distill_defaults_are_todays_training():
     assert loss_weights(cfg) == {"out": 1.0, "aux": cfg.model.aux_weight}
     assert loss_criterion(cfg) == PixelCriterion(ohem=None, align_corners=False)
     ohem = loss_criterion(load_config(None, ["loss.name=ohem", "loss.ohem_min_kept=7"]), True)
-    assert ohem == PixelCriterion(ohem=(0.7, 7), align_corners=True)
+    assert ohem == PixelCriterion(ohem=(0.7, 7), align_corners=True, name="ohem")
     assert cfg.loss.fused_upsampling is True
 
 
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("loss.name=focal", "'loss.name': 'focal' is not one of ['ce', 'ohem']"),
+        ("loss.name=lovasz", "'loss.name': 'lovasz' is not one of ['ce', 'ohem', 'dice'"),
         ("loss.ohem_thresh=1.5", "'loss.ohem_thresh': must be in [0, 1]"),
         ("loss.ohem_min_kept=-1", "'loss.ohem_min_kept': must be >= 0"),
         ("loss.weights={out: 1.0, aux: -0.2}", "'loss.weights.aux': must be >= 0"),

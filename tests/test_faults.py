@@ -33,7 +33,7 @@ TINY = [
     "data.synthetic_train=8",
     "data.synthetic_val=2",
     "data.workers=0",
-    "train.tensorboard=false",
+    "train.loggers=[]",
     "train.log_interval=1",
     "train.sample_images=0",
 ]

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUN = [
     "data.workers=0",
-    "train.tensorboard=false",
+    "train.loggers=[]",
     "train.sample_images=0",
     "data.batch_size=2",
     "data.crop_size=48",

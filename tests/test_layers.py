@@ -2,7 +2,9 @@
 
 Layers, lowest first: errors / measurement tools (flops, fuse, bench_model, ort_latency), models,
 data, the checkpoint format, methods, the engine, the deploy front (export, predictor), the CLI.
-Every ``import leanseg.X`` in a module, at module level or inside a function, counts.
+Every ``import leanseg.X`` in a module, at module level or inside a function, counts. The one
+named exception: ``leanseg.checkpoint.REBUILD_PROVIDERS`` lists the packages whose hooks
+``model_from_checkpoint`` loads by name (a plug-in list; see the fresh-interpreter test below).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from leanseg.errors import CheckpointError
 from leanseg.models import build_model
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "leanseg"
-CLI = {"cli", "cli_export", "cli_search", "__main__"}
+CLI = {"cli", "cli_config", "cli_export", "cli_report", "cli_search", "__main__"}
 FRONT = {"predictor", "export", "onnx_model"} | CLI
-TOOLS = {"errors", "flops", "fuse", "bench_model", "ort_latency"}
+TOOLS = {"errors", "cache", "recipes", "flops", "fuse", "bench_model", "ort_latency"}
 # part of the package -> the parts it must not import
 FORBIDDEN: dict[str, set[str]] = {
     **{
@@ -116,7 +118,7 @@ def test_a_registered_hook_rebuilds_the_model_before_its_weights_load(tmp_path, 
 
 def test_acosp_checkpoints_rebuild_in_a_fresh_interpreter(tmp_path):
     """``leanseg.checkpoint`` alone (no explicit methods import) rebuilds a masked checkpoint:
-    ``import leanseg`` registers ACoSP's hook."""
+    ``model_from_checkpoint`` loads the hook providers it names."""
     from leanseg.methods import acosp
 
     model = acosp.apply(build_model("segnet", 4), 0.5)

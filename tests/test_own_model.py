@@ -18,7 +18,6 @@ from torch.utils.data import Dataset
 import leanseg
 from leanseg.checkpoint import load_checkpoint
 from leanseg.config import load_config
-from leanseg.data.pairs import split_item
 from leanseg.engine.losses import distillation_loss
 from leanseg.engine.teacher import freeze, teacher_logits
 from leanseg.errors import ConfigError, LeansegError
@@ -133,21 +132,18 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, item: int | tuple[int, list[int]]) -> tuple[Tensor, Tensor]:
-        # the training sampler passes (index, seed): seed the augmentation with it, so that a
-        # resumed run sees the same batches; validation passes a plain index
-        index, rng = split_item(item)
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         generator = torch.Generator().manual_seed(self.seed * 1000 + index)
         image = torch.randn(3, self.size, self.size, generator=generator)
         mask = (image[0] > 0).long() + (image[1] > 0).long()  # learnable from the pixels
         mask[0] = 255
-        if isinstance(item, tuple) and rng.random() < 0.5:  # a random horizontal flip
+        if torch.rand(()) < 0.5:  # a random flip from the global generator, as users write it
             image, mask = image.flip(-1), mask.flip(-1)
         return image, mask
 
 
 def build_tiny_unet(*, num_classes: int, width: int) -> nn.Module:
-    return TinyUNet(num_classes, width, dict_output=True)  # the Trainer reads output["out"]
+    return TinyUNet(num_classes, width)  # plain logits: the Trainer reads them as {"out": ...}
 
 
 if MODEL_NAME not in list_models():
@@ -373,7 +369,7 @@ RUN = [
     "train.iterations=3",
     "train.val_interval=3",
     "train.log_interval=1",
-    "train.tensorboard=false",
+    "train.loggers=[]",
     "train.sample_images=0",
     "train.device=cpu",
 ]
@@ -413,9 +409,29 @@ def test_trainer_trains_a_registered_user_model_on_a_user_dataset(tmp_path: Path
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_a_user_dataset_with_global_rng_augmentation_resumes_exactly(tmp_path: Path) -> None:
+    """The Trainer seeds the global generators per sample for a dataset that takes plain
+    indices (leanseg.data.sampler.SeededItems), so its flips replay on --resume, also in
+    worker processes (whose generators a resumed run starts afresh)."""
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "resumed").mkdir()
+    run = ["train.iterations=4", "train.val_interval=2", "data.workers=1"]
+    straight = _trainer(tmp_path / "straight", *run)
+    straight.fit()
+    first = _trainer(tmp_path / "resumed", *run)
+    first.fit(stop_at=2)
+    resumed = _trainer(tmp_path / "resumed", *run)
+    resumed.resume(tmp_path / "resumed" / "last.pt")
+    resumed.fit()
+    ours, theirs = resumed.model.state_dict(), straight.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    flips = [PairDataset(4)[0][0].sum().item() for _ in range(8)]
+    assert len(set(flips)) == 2, "the dataset does flip at random"
+
+
 def test_trainer_distills_a_user_teacher_into_a_user_student(tmp_path: Path) -> None:
     torch.manual_seed(5)
-    teacher = TinyUNet(width=8, dict_output=True)
+    teacher = TinyUNet(width=8)
     saved = copy.deepcopy(teacher.state_dict())
     calls: list[bool] = []
     teacher.register_forward_pre_hook(lambda m, _args: calls.append(m.training))
@@ -450,4 +466,4 @@ def test_trainer_acosp_and_backrazor_on_a_user_model_then_shrink_checkpoint(
     small = model_from_checkpoint(load_checkpoint(tmp_path / "small.pt"), "small.pt").eval()
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        torch.testing.assert_close(small(x)["out"], masked(x)["out"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(small(x), masked(x), rtol=1e-4, atol=1e-5)

@@ -29,7 +29,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 TINY = ["model.options.width_mult=0.25", "model.options.channels=16"]
 RUN = [
     "data.workers=0",
-    "train.tensorboard=false",
+    "train.loggers=[]",
     "train.sample_images=0",
     "data.batch_size=2",
     "data.crop_size=32",

@@ -9,6 +9,7 @@ weights load strictly.
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -28,6 +29,11 @@ REQUIRED = ("format", "version", "model", "num_classes", "state_dict")
 
 Rebuild = Callable[[nn.Module, dict[str, Any]], None]
 _REBUILDS: dict[str, Rebuild] = {}
+# The packages whose import registers rebuild hooks. They sit above this module, so they are
+# named, not imported, here: model_from_checkpoint imports them by name on first use, so that
+# ``leanseg.checkpoint`` alone rebuilds an ACoSP or shrunk checkpoint (``import leanseg`` no
+# longer imports them: it must not import torch).
+REBUILD_PROVIDERS = ("leanseg.methods",)
 
 
 def register_rebuild(method: str, rebuild: Rebuild) -> None:
@@ -145,8 +151,8 @@ def model_from_checkpoint(payload: dict[str, Any], source: str) -> nn.Module:
     The registered methods' hooks (:func:`register_rebuild`) restore what they changed, e.g.
     ACoSP's masks or a ``leanseg shrink`` checkpoint's smaller layers.
     """
-    import leanseg.methods  # noqa: F401  (registers the hooks; here, as methods import this)
-
+    for provider in REBUILD_PROVIDERS:
+        importlib.import_module(provider)
     model = build_model(
         payload["model"], payload["num_classes"], **payload.get("model_options", {})
     )

@@ -55,6 +55,29 @@ class DataConfig:
     # folder without split subfolders: this fraction of its images (picked by a fixed hash of
     # the file names) is the val split, the rest train; None: a flat folder needs data.list_file
     val_fraction: float | None = None
+    # input normalisation (x = (pixel / 255 - mean) / std, RGB in [0, 1] units), recorded in
+    # checkpoints for eval / predict / export; null: the dataset's (ImageNet, CIFAR-10's)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    # colour jitter of training images (ColorJitter semantics, random order); 0: off
+    brightness: float = 0.0  # factor ~ U(max(0, 1 - b), 1 + b)
+    contrast: float = 0.0  # factor ~ U(max(0, 1 - c), 1 + c)
+    saturation: float = 0.0  # factor ~ U(max(0, 1 - s), 1 + s)
+    hue: float = 0.0  # hue shift ~ U(-h, h) of a full turn, h <= 0.5
+
+    def __post_init__(self) -> None:
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            for index, item in enumerate(value or ()):
+                if not math.isfinite(item):  # as validate() says, before the length
+                    raise ConfigError(
+                        f"config key 'data.{key}[{index}]': must be a finite number, got {item}"
+                    )
+            if value is not None and len(value) != 3:
+                raise ConfigError(
+                    f"config key 'data.{key}': got {len(value)} values {list(value)}; give 3 "
+                    f"(R, G, B in [0, 1] units), e.g. data.{key}=[0.5, 0.5, 0.5], or null"
+                )
 
 
 @dataclass
@@ -65,7 +88,7 @@ class ModelConfig:
     output_stride: int = 16
     aux: bool = False
     aux_weight: float = 0.5
-    pretrained: str | None = None  # ImageNet weights (torchvision / semseg / vgg16 format)
+    pretrained: str | None = None  # weights file path, or imagenet / resnet50.IMAGENET1K_V2 ...
     # keyword options of the builder; the default is a half-width ResNet-18 with ASPP rates
     # scaled to 112 px crops, which learns the synthetic set in minutes on a CPU
     options: dict[str, Any] = field(
@@ -93,13 +116,18 @@ class OptimConfig:
     decay_every: int = 1000
     warmup_iters: int = 30
     min_lr: float = 1e-6
+    # clip the total gradient norm (over all parameters, of the accumulated gradient; fp16:
+    # of the unscaled one) to this before each optimizer step; null: no clipping
+    clip_grad_norm: float | None = None
 
 
 @dataclass
 class LossConfig:
     """The segmentation loss: criterion and the weight of each model output."""
 
-    name: str = "ce"  # ce | ohem (online hard example mining, as FasterSeg trains)
+    # ce | ohem (online hard example mining, as FasterSeg trains) | dice (soft Dice) | focal |
+    # ce+dice (docs/training_options.md, "Losses")
+    name: str = "ce"
     ohem_thresh: float = 0.7  # ohem: keep pixels whose true-class probability is <= this ...
     # ... raised to the min_kept-th smallest probability: an absolute pixel count per batch (of
     # each process) as in the original (FasterSeg: batch * H * W // 16); 0: the threshold alone
@@ -108,6 +136,11 @@ class LossConfig:
     # are reported); null: {out: 1, aux: model.aux_weight}. A mapping merges key by key with
     # the YAML's: loss.weights=null goes back to the default
     weights: dict[str, float] | None = None
+    # one weight per class (>= 0) for ce / ohem / focal (alpha) / dice (weighted class mean);
+    # null: all 1. The length must be the class count (checked once the model is built)
+    class_weights: list[float] | None = None
+    focal_gamma: float = 2.0  # focal: -(1 - p_t) ** gamma * log(p_t); 0: cross-entropy
+    dice_weight: float = 1.0  # ce+dice: ce + dice_weight * dice
     # the models hand over feature-resolution training logits and the loss upsamples them
     # (the same loss and gradients, without saving full-resolution tensors for backward);
     # false: the model upsamples, as before. Not with distill.teacher (KD is at input size)
@@ -147,7 +180,15 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training model (eager, with a warning, on failure)
     work_dir: str = "runs"
     name: str | None = None
-    tensorboard: bool = True
+    # what the run logs besides metrics.jsonl (always written): csv (metrics_train.csv /
+    # metrics_val.csv) | tensorboard (the [tensorboard] extra)
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
+    # micro-batches of data.batch_size per optimizer step (gradient accumulation); the LR
+    # schedule and train.iterations count optimizer steps
+    accumulate: int = 1
+    # decay of an exponential moving average of the weights, e.g. 0.999; validation, best.pt
+    # and the checkpoints' state_dict use it (last.pt keeps the raw weights too); null: off
+    ema: float | None = None
     sample_images: int = 4
     on_nonfinite: str = "stop"  # NaN / inf loss: stop (one-line error) | skip (drop the batch)
 
@@ -268,7 +309,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.crf": (None, "ddd"),
     "optim.name": ("sgd", "adam", "adamw"),
     "optim.schedule": ("poly", "cosine", "constant", "exponential"),
-    "loss.name": ("ce", "ohem"),
+    "loss.name": ("ce", "ohem", "dice", "focal", "ce+dice"),
     "distill.reduction": ("mean", "pixel"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -345,6 +386,12 @@ RANGES: dict[str, Range] = {
     "data.synthetic_train": POSITIVE,
     "data.synthetic_val": POSITIVE,
     "data.val_fraction": Range(0, 1, low_open=True, high_open=True),
+    "data.mean": Range(0, 1, note="RGB in [0, 1] units; null: the dataset's"),
+    "data.std": POSITIVE.with_note("RGB in [0, 1] units; null: the dataset's"),
+    "data.brightness": NON_NEGATIVE.with_note("0: off"),
+    "data.contrast": NON_NEGATIVE.with_note("0: off"),
+    "data.saturation": NON_NEGATIVE.with_note("0: off"),
+    "data.hue": Range(0, 0.5, note="a fraction of a full hue turn; 0: off"),
     "model.aux_weight": NON_NEGATIVE,
     "model.crf_iters": POSITIVE,
     "model.crf_gamma": POSITIVE,
@@ -357,8 +404,12 @@ RANGES: dict[str, Range] = {
     "optim.decay_every": POSITIVE.with_note("iterations per LR step"),
     "optim.warmup_iters": NON_NEGATIVE,
     "optim.min_lr": NON_NEGATIVE,
+    "optim.clip_grad_norm": POSITIVE.with_note("null: no clipping"),
     "loss.ohem_thresh": Range(0, 1, note="a probability"),
     "loss.ohem_min_kept": NON_NEGATIVE.with_note("pixels per batch; 0: loss.ohem_thresh alone"),
+    "loss.class_weights": NON_NEGATIVE.with_note("one per class; null: all 1"),
+    "loss.focal_gamma": NON_NEGATIVE.with_note("0: cross-entropy"),
+    "loss.dice_weight": NON_NEGATIVE,
     "distill.weight": POSITIVE.with_note("set distill.teacher=null to train without KD"),
     "distill.temperature": POSITIVE,
     "train.iterations": POSITIVE,
@@ -366,6 +417,8 @@ RANGES: dict[str, Range] = {
     "train.log_interval": POSITIVE,
     "train.seed": SEED,
     "train.sample_images": NON_NEGATIVE,
+    "train.accumulate": POSITIVE.with_note("micro-batches per optimizer step; 1: off"),
+    "train.ema": Range(0, 1, low_open=True, high_open=True, note="EMA decay; null: off"),
     "eval.crop_size": POSITIVE.with_note("null only with eval.mode=whole"),
     "eval.stride": POSITIVE.with_note("null: 2/3 of eval.crop_size"),
     "eval.scales": POSITIVE,
@@ -431,20 +484,24 @@ def load_config(
 
 
 def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's config from an older leanseg in today's keys: ``train.amp`` /
-    ``train.amp_dtype`` became ``train.precision`` (an fp32 run stays fp32)."""
+    """A config from an older leanseg (a checkpoint's, or a run's config.yaml) in today's keys:
+    ``train.amp`` / ``train.amp_dtype`` became ``train.precision`` (an fp32 run stays fp32),
+    ``train.tensorboard`` became ``train.loggers`` (a run that logged to tensorboard goes on)."""
     train = saved.get("train")
-    if not isinstance(train, dict) or not ({"amp", "amp_dtype"} & set(train)):
+    if not isinstance(train, dict) or not ({"amp", "amp_dtype", "tensorboard"} & set(train)):
         return saved
     train = dict(train)
-    amp, dtype = train.pop("amp", False), train.pop("amp_dtype", "auto")
-    train.setdefault("precision", (dtype if dtype != "auto" else "auto") if amp else "fp32")
+    if {"amp", "amp_dtype"} & set(train):
+        amp, dtype = train.pop("amp", False), train.pop("amp_dtype", "auto")
+        train.setdefault("precision", (dtype if dtype != "auto" else "auto") if amp else "fp32")
+    if "tensorboard" in train:
+        train.setdefault("loggers", ["csv", "tensorboard"] if train.pop("tensorboard") else [])
     return {**saved, "train": train}
 
 
 def _read_yaml(value: str | Path) -> DictConfig:
     """A YAML file or packaged recipe name, with its ``_base_`` chain (leanseg.recipes)."""
-    return OmegaConf.create(read_recipe(find_recipe(value)))
+    return OmegaConf.create(_upgrade(read_recipe(find_recipe(value))))
 
 
 def _parse_override(item: str) -> DictConfig:
@@ -491,7 +548,9 @@ def _nested(dotted: str, value: Any) -> DictConfig:
 RENAMED = {
     "train.amp": "train.precision (auto | fp32 | bf16 | fp16)",
     "train.amp_dtype": "train.precision (auto | fp32 | bf16 | fp16)",
+    "train.tensorboard": "train.loggers, a list of csv | tensorboard (e.g. train.loggers=[])",
 }
+LOGGERS = ("csv", "tensorboard")  # train.loggers: what a run logs besides metrics.jsonl
 
 
 def _describe(err: OmegaConfBaseException, source: str | Path | None) -> str:
@@ -592,6 +651,7 @@ def validate(cfg: Config) -> None:
             f"got {cfg.acosp.end}"
         )
     _check_loss_weights(cfg.loss.weights)
+    _check_loggers(cfg.train.loggers)
     _check_dataset(cfg.data)
     _check_model(cfg.model)
     _check_teacher_model(cfg.distill)
@@ -661,6 +721,16 @@ def _check_finite(cfg: Config) -> None:
     walk("", cfg)
 
 
+def _check_loggers(loggers: list[str]) -> None:
+    """``train.loggers`` names known loggers."""
+    unknown = [name for name in loggers if name not in LOGGERS]
+    if unknown:
+        raise ConfigError(
+            f"config key 'train.loggers': {unknown[0]!r} is not one of {list(LOGGERS)} "
+            "(metrics.jsonl is always written), e.g. train.loggers=[csv]"
+        )
+
+
 def _check_loss_weights(weights: dict[str, float] | None) -> None:
     """``loss.weights`` is null or a non-empty mapping of non-negative weights."""
     if weights is None:
@@ -677,8 +747,8 @@ def _check_loss_weights(weights: dict[str, float] | None) -> None:
 
 def check_data_keys(cfg: DataConfig) -> None:
     """What ``data.dataset`` requires of the other data keys (CamVid's void label, a folder's
-    class count, a ``{split}`` list pattern); ``build_dataset`` checks it too, for configs made
-    without :func:`load_config`."""
+    class count, a ``{split}`` list pattern, no colour jitter for CIFAR-10); ``build_dataset``
+    checks it too, for configs made without :func:`load_config`."""
     if cfg.dataset == "camvid" and cfg.ignore_index != CAMVID_VOID:
         raise ConfigError(
             f"config key 'data.ignore_index': CamVid marks void with {CAMVID_VOID}; set "
@@ -688,6 +758,14 @@ def check_data_keys(cfg: DataConfig) -> None:
         raise ConfigError(
             "config key 'data.num_classes': required for dataset folder (or set "
             "data.palette_file, one 'R G B name' line per class)"
+        )
+    jitter = {"brightness": cfg.brightness, "contrast": cfg.contrast}
+    jitter |= {"saturation": cfg.saturation, "hue": cfg.hue}
+    on = [key for key, value in jitter.items() if value > 0]
+    if cfg.dataset == "cifar10" and on:
+        raise ConfigError(
+            f"config key 'data.{on[0]}': colour jitter is not part of the CIFAR-10 pipeline "
+            f"(pad, crop, flip); set data.{on[0]}=0 for dataset cifar10"
         )
     if cfg.list_file is not None and "{split}" not in cfg.list_file:
         raise ConfigError(

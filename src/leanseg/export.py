@@ -136,15 +136,12 @@ def input_normalization(payload: dict[str, Any]) -> dict[str, Any]:
 
     As :class:`leanseg.data.transforms.ToTensorNormalize`: an RGB uint8 image (0-255), per
     channel ``(pixel - 255 * mean) / (255 * std)``, i.e. ``(pixel / 255 - mean) / std``, as a
-    float32 ``N x 3 x H x W`` tensor. ImageNet statistics, CIFAR-10's for ``cifar10`` runs.
+    float32 ``N x 3 x H x W`` tensor. The recorded ``data.mean`` / ``data.std``, else the
+    dataset's (ImageNet statistics, CIFAR-10's for ``cifar10`` runs).
     """
-    from leanseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from leanseg.data.normalization import recorded_normalization
 
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if _config(payload).get("data", {}).get("dataset") == "cifar10":
-        from leanseg.data.cifar10 import CIFAR_MEAN, CIFAR_STD
-
-        mean, std = CIFAR_MEAN, CIFAR_STD
+    mean, std = recorded_normalization({"config": _config(payload)})
     return {
         "color_order": "RGB",
         "pixel_range": "0-255 (uint8)",

@@ -29,6 +29,12 @@ from torch import nn
 from leanseg.checkpoint import load_checkpoint, model_from_checkpoint
 from leanseg.config import Config, inference_options, load_config
 from leanseg.data.image_io import read_image
+from leanseg.data.normalization import (
+    Stats,
+    data_normalization,
+    dataset_normalization,
+    recorded_normalization,
+)
 from leanseg.data.transforms import ToTensorNormalize
 from leanseg.engine.inference import predict_probs
 from leanseg.engine.precision import resolve_compute
@@ -55,13 +61,15 @@ class Predictor:
         config: Config | None = None,
         precision: str = "fp32",
         channels_last: str = "false",
+        normalization: Stats | None = None,
     ) -> None:
         """``inference``: :func:`~leanseg.engine.inference.predict_probs` options (mode,
         scales, flip, crop_size, stride, base_size); ``batch_size``: images of the same size
         run together, this many at a time; ``config``: the settings it was made from (kept as
         :attr:`config`, e.g. for ``leanseg eval``'s data); ``precision`` / ``channels_last``:
         as ``train.precision`` / ``train.channels_last``, resolved for the device
-        (:attr:`compute`)."""
+        (:attr:`compute`); ``normalization``: the ``(mean, std)`` the model was trained on
+        (None: ImageNet's)."""
         if batch_size < 1:
             raise ValueError(f"batch_size: got {batch_size}; must be >= 1")
         self.class_names = list(class_names)
@@ -72,7 +80,8 @@ class Predictor:
         self.inference = dict(inference or {})
         self.batch_size = batch_size
         self.config = config
-        self._to_tensor = ToTensorNormalize()
+        self.normalization = normalization or dataset_normalization(None)
+        self._to_tensor = ToTensorNormalize(*self.normalization)
 
     @property
     def num_classes(self) -> int:
@@ -109,6 +118,8 @@ class Predictor:
         payload = load_checkpoint(path)
         base = None if config is not None else payload["config"]
         cfg = load_config(config, list(overrides), base=base)
+        normalization = recorded_normalization(payload)  # the model's, whatever the config says
+        cfg.data.mean, cfg.data.std = (list(v) for v in normalization)  # e.g. leanseg eval's data
         model = model_from_checkpoint(payload, source).eval()
         if cfg.eval.fuse_bn:
             height = cfg.data.crop_size
@@ -125,6 +136,7 @@ class Predictor:
             config=cfg,
             precision=cfg.train.precision,
             channels_last=cfg.train.channels_last,
+            normalization=normalization,
         )
 
     @classmethod
@@ -152,6 +164,11 @@ class Predictor:
         if "num_classes" not in metadata:
             raise DataError(f"'{path}' has no leanseg metadata; export it with `leanseg export`")
         cfg = load_config(config, list(overrides))
+        recorded = metadata.get("input_normalization") or {}
+        normalization = data_normalization(cfg.data)  # exports older than the metadata: config
+        if recorded.get("mean") is not None and recorded.get("std") is not None:
+            normalization = tuple(map(float, recorded["mean"])), tuple(map(float, recorded["std"]))
+        cfg.data.mean, cfg.data.std = (list(v) for v in normalization)
         inference = inference_options(cfg.eval)
         size = metadata.get("input_size", "dynamic")
         if size != "dynamic" and not any(o.startswith("eval.mode=") for o in overrides):
@@ -169,6 +186,7 @@ class Predictor:
             inference=inference,
             batch_size=batch_size,
             config=cfg,
+            normalization=normalization,
         )
 
     # ------------------------------------------------------------------ prediction

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import nn
 
 from leanseg.data.palettes import colorize
 from leanseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from leanseg.models.base import model_outputs
 
 
-def denormalize(image: torch.Tensor) -> np.ndarray:
-    """A normalised CHW tensor back to an HxWx3 uint8 RGB array."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+def denormalize(
+    image: torch.Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> np.ndarray:
+    """A CHW tensor normalised with ``(mean, std)`` back to an HxWx3 uint8 RGB array."""
+    mean = torch.tensor(tuple(mean), dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(tuple(std), dtype=torch.float32).view(3, 1, 1)
     rgb = (image.detach().cpu().float() * std + mean).clamp(0, 1) * 255
     return rgb.round().byte().permute(1, 2, 0).numpy()
 
@@ -30,16 +37,17 @@ def prediction_panels(
     samples: list[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     palette: np.ndarray,
+    normalization: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
 ) -> list[np.ndarray]:
     """For each (image, mask) sample an HxW*4 strip: image | ground truth | prediction |
-    the prediction over the image."""
+    the prediction over the image; ``normalization``: the images' ``(mean, std)``."""
     was_training = model.training
     model.eval()
     panels = []
     for image, mask in samples:
-        logits = model(image.unsqueeze(0).to(device))["out"]
+        logits = model_outputs(model(image.unsqueeze(0).to(device)))["out"]
         pred = logits.argmax(1)[0].cpu().numpy()
-        rgb, painted = denormalize(image), colorize(pred, palette)
+        rgb, painted = denormalize(image, *normalization), colorize(pred, palette)
         strip = [rgb, colorize(mask.numpy(), palette), painted, overlay(rgb, painted)]
         panels.append(np.concatenate(strip, axis=1))
     model.train(was_training)

@@ -21,7 +21,8 @@ from leanseg.data.camvid import CAMVID_CLASSES, CamVidSegmentation
 from leanseg.data.cifar10 import CIFAR10, CIFAR10_CLASSES
 from leanseg.data.cityscapes import CITYSCAPES_CLASSES, CityscapesSegmentation
 from leanseg.data.folder import FolderSegmentation, read_palette_file
-from leanseg.data.sampler import ResumableSampler, ShardSampler
+from leanseg.data.normalization import data_normalization
+from leanseg.data.sampler import ResumableSampler, ShardSampler, seeded
 from leanseg.data.synthetic import SYNTHETIC_CLASSES, ensure_synthetic
 from leanseg.data.transforms import build_eval_transform, build_train_transform
 from leanseg.data.voc import VOC_CLASSES, VOCSegmentation
@@ -37,6 +38,9 @@ class SyntheticSegmentation(VOCSegmentation):
 
 
 def _transform(cfg: DataConfig, train: bool) -> Callable:
+    """The training augmentation or the evaluation transform, normalised with
+    :func:`~leanseg.data.normalization.data_normalization` (``data.mean`` / ``data.std``)."""
+    mean, std = data_normalization(cfg)
     if train:
         return build_train_transform(
             (cfg.crop_size, cfg.crop_width or cfg.crop_size),
@@ -44,8 +48,11 @@ def _transform(cfg: DataConfig, train: bool) -> Callable:
             rotate=cfg.rotate,
             blur=cfg.blur,
             flip=cfg.flip,
+            mean=mean,
+            std=std,
+            jitter=(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue),
         )
-    return build_eval_transform(cfg.crop_val)
+    return build_eval_transform(cfg.crop_val, mean=mean, std=std)
 
 
 def require_root(cfg: DataConfig) -> Path:
@@ -107,7 +114,10 @@ def _folder(cfg: DataConfig, split: str, train: bool, check_files: bool) -> Data
 
 
 def _cifar10(cfg: DataConfig, split: str, train: bool, check_files: bool) -> Dataset:
-    return CIFAR10(require_root(cfg), split, augment=train, ignore_index=cfg.ignore_index)
+    mean, std = data_normalization(cfg)
+    return CIFAR10(
+        require_root(cfg), split, augment=train, ignore_index=cfg.ignore_index, mean=mean, std=std
+    )
 
 
 class DatasetSpec(NamedTuple):
@@ -199,7 +209,7 @@ def train_loader(
         world_size=world_size,
     )
     return DataLoader(
-        dataset,
+        seeded(dataset),
         batch_size=cfg.batch_size,
         sampler=sampler,
         num_workers=cfg.workers,

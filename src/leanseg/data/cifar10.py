@@ -11,6 +11,7 @@ import codecs
 import io
 import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -122,9 +123,14 @@ class CifarTransform:
     """Train: zero-pad 4 px, random 32x32 crop, horizontal flip; then CIFAR normalisation.
     Returns ``(float 3x32x32 tensor, 0-d int64 tensor)``."""
 
-    def __init__(self, augment: bool) -> None:
+    def __init__(
+        self,
+        augment: bool,
+        mean: Sequence[float] = CIFAR_MEAN,
+        std: Sequence[float] = CIFAR_STD,
+    ) -> None:
         self.augment = augment
-        self.to_tensor = ToTensorNormalize(CIFAR_MEAN, CIFAR_STD)
+        self.to_tensor = ToTensorNormalize(mean, std)
 
     def __call__(
         self, image: np.ndarray, label: int, rng: np.random.Generator
@@ -142,6 +148,8 @@ class CifarTransform:
 class CIFAR10(Dataset):
     """CIFAR-10 ``train`` (50,000) or ``test``/``val`` (10,000) images, held in memory."""
 
+    seeded_items = True  # takes the training sampler's (index, seed) items
+
     def __init__(
         self,
         root: str | os.PathLike,
@@ -149,6 +157,8 @@ class CIFAR10(Dataset):
         *,
         augment: bool = False,
         ignore_index: int = 255,
+        mean: Sequence[float] = CIFAR_MEAN,
+        std: Sequence[float] = CIFAR_STD,
     ) -> None:
         parts = [read_batch(p) for p in batch_files(root, split)]
         self.root, self.split = Path(root), split
@@ -157,7 +167,7 @@ class CIFAR10(Dataset):
         self.num_classes, self.ignore_index = len(CIFAR10_CLASSES), ignore_index
         self.class_names = list(CIFAR10_CLASSES)
         self.palette = voc_palette(256)
-        self.transform = CifarTransform(augment)
+        self.transform = CifarTransform(augment, mean, std)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -139,6 +139,8 @@ class SegmentationDataset(Dataset):
     check (``check_dataset`` reports missing files itself).
     """
 
+    seeded_items = True  # takes the training sampler's (index, seed) items
+
     CLASSES: tuple[str, ...] = ()
     LAYOUT = "a dataset directory"  # the expected on-disk layout, for error messages
     IGNORE_INDEX = 255

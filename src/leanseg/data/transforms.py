@@ -100,6 +100,89 @@ class RandomHorizontalFlip:
         return image, mask
 
 
+GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma, as torchvision
+
+
+class ColorJitter:
+    """Random brightness, contrast, saturation and hue of the image (mask untouched), with
+    torchvision ``ColorJitter`` semantics, applied in a random order.
+
+    Factors: brightness ``b ~ U(max(0, 1 - brightness), 1 + brightness)`` (``x * b``), contrast
+    ``c`` likewise (``c * x + (1 - c) * mean(gray(x))``), saturation ``s`` likewise
+    (``s * x + (1 - s) * gray(x)``), hue ``h ~ U(-hue, hue)`` (the HSV hue turned by ``h`` of a
+    full turn); ``gray = 0.299 R + 0.587 G + 0.114 B``. Each step clamps to [0, 255]; the
+    arithmetic is float32 and the result is rounded to uint8 once, at the end. Draws from
+    ``rng``: the order (``rng.permutation(4)``), then one factor per enabled component
+    (brightness, contrast, saturation, hue). All four 0: the identity, and no draw.
+    """
+
+    def __init__(
+        self,
+        brightness: float = 0.0,
+        contrast: float = 0.0,
+        saturation: float = 0.0,
+        hue: float = 0.0,
+    ) -> None:
+        for name, value in (
+            ("brightness", brightness),
+            ("contrast", contrast),
+            ("saturation", saturation),
+        ):
+            if value < 0:
+                raise ValueError(f"ColorJitter: {name} must be >= 0, got {value}")
+        if not 0 <= hue <= 0.5:
+            raise ValueError(f"ColorJitter: hue must be in [0, 0.5], got {hue}")
+        self.brightness, self.contrast = float(brightness), float(contrast)
+        self.saturation, self.hue = float(saturation), float(hue)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any component is on (off: the transform draws nothing)."""
+        return any(v > 0 for v in (self.brightness, self.contrast, self.saturation, self.hue))
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> Pair:
+        if not self.enabled:
+            return image, mask
+        order = rng.permutation(4)
+        factors: dict[int, float] = {}
+        for index, amount in enumerate((self.brightness, self.contrast, self.saturation)):
+            if amount > 0:
+                factors[index] = float(rng.uniform(max(0.0, 1.0 - amount), 1.0 + amount))
+        if self.hue > 0:
+            factors[3] = float(rng.uniform(-self.hue, self.hue))
+        x = image.astype(np.float32)
+        for index in order:
+            if int(index) in factors:
+                x = _JITTER_STEPS[int(index)](x, factors[int(index)])
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8), mask
+
+
+def _brightness(x: np.ndarray, factor: float) -> np.ndarray:
+    return np.clip(x * np.float32(factor), 0, 255)
+
+
+def _blend(x: np.ndarray, other: np.ndarray | np.float32, factor: float) -> np.ndarray:
+    f = np.float32(factor)
+    return np.clip(f * x + (np.float32(1) - f) * other, 0, 255)
+
+
+def _contrast(x: np.ndarray, factor: float) -> np.ndarray:
+    return _blend(x, np.float32((x @ GRAY).mean()), factor)
+
+
+def _saturation(x: np.ndarray, factor: float) -> np.ndarray:
+    return _blend(x, (x @ GRAY)[..., None], factor)
+
+
+def _hue(x: np.ndarray, shift: float) -> np.ndarray:
+    hsv = cv2.cvtColor(np.ascontiguousarray(x / np.float32(255)), cv2.COLOR_RGB2HSV)  # H: 0..360
+    hsv[..., 0] = np.mod(hsv[..., 0] + np.float32(shift * 360.0), np.float32(360.0))
+    return np.clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * np.float32(255), 0, 255)
+
+
+_JITTER_STEPS = (_brightness, _contrast, _saturation, _hue)
+
+
 class PadIfSmaller:
     """Pad bottom/right up to ``size`` (image with the mean colour, mask with ``mask_fill``)."""
 
@@ -196,8 +279,11 @@ def build_train_transform(
     flip: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0),
 ) -> Compose:
-    """semseg order: scale -> rotate (p=0.5) -> blur (p=0.5) -> flip -> pad -> crop -> normalise."""
+    """semseg order: scale -> rotate (p=0.5) -> blur (p=0.5) -> flip -> colour jitter -> pad ->
+    crop -> normalise. ``jitter``: ``(brightness, contrast, saturation, hue)`` of
+    :class:`ColorJitter`; all 0 adds no step (the pipeline and its draws are as without it)."""
     ts: list = []
     if scale is not None and tuple(scale) != (1.0, 1.0):
         ts.append(RandomScale(*scale))
@@ -207,6 +293,9 @@ def build_train_transform(
         ts.append(RandomGaussianBlur(p=0.5))
     if flip:
         ts.append(RandomHorizontalFlip(0.5))
+    color = ColorJitter(*jitter)
+    if color.enabled:
+        ts.append(color)
     ts += [PadIfSmaller(crop_size, mean=mean), RandomCrop(crop_size), ToTensorNormalize(mean, std)]
     return Compose(ts)
 

@@ -31,6 +31,8 @@ DRY_RUN_BATCH = 2  # the smallest batch BatchNorm trains with
 class GeneratedDataset(Dataset):
     """Deterministic random images and labels shaped like a recipe's samples."""
 
+    seeded_items = True  # takes the training sampler's (index, seed) items
+
     def __init__(
         self,
         length: int,
@@ -68,7 +70,7 @@ def dry_run(cfg: Config, num_classes: int, *, classification: bool = False) -> s
     batch = cfg.data.batch_size
     run = copy.deepcopy(cfg)  # the recipe as printed stays untouched
     run.data.batch_size, run.data.workers = min(batch, DRY_RUN_BATCH), 0
-    run.train.tensorboard = False
+    run.train.loggers = []
     size = (cfg.data.crop_size, cfg.data.crop_width or cfg.data.crop_size)
     shape = dict(
         size=size,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanseg.errors import ConfigError
+from leanseg.models.base import model_outputs
 
 __all__ = ["MODES", "check_options", "predict_probs", "predict_slide", "predict_whole"]
 
@@ -62,7 +63,7 @@ def _starts(size: int, crop: int, step: int) -> list[int]:
 @torch.no_grad()
 def predict_whole(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Logits (N, K, H, W) of the whole images in one forward pass."""
-    return model(images)["out"]
+    return model_outputs(model(images))["out"]
 
 
 @torch.no_grad()
@@ -91,7 +92,7 @@ def predict_slide(
     count = x.new_zeros((1, 1, ph, pw), dtype=torch.float32)
     for y in _starts(ph, ch, sh):
         for xo in _starts(pw, cw, sw):
-            out = model(x[:, :, y : y + ch, xo : xo + cw])["out"].float()
+            out = model_outputs(model(x[:, :, y : y + ch, xo : xo + cw]))["out"].float()
             if acc is None:
                 if num_classes is not None and out.shape[1] != num_classes:
                     raise ValueError(f"model gave {out.shape[1]} channels, not {num_classes}")

@@ -1,4 +1,5 @@
-"""Training losses as pure functions: OHEM cross-entropy, weighted multi-output sums, KD.
+"""Training losses as pure functions: (class-weighted) cross-entropy, OHEM cross-entropy, soft
+Dice, focal loss, weighted multi-output sums, KD.
 
 Everything is computed in float32 whatever the dtype of the logits (as the trainer's plain
 cross-entropy already is), so the losses behave the same under fp16/bf16 autocast.
@@ -27,6 +28,7 @@ def ohem_cross_entropy(
     ignore_index: int,
     thresh: float = 0.7,
     min_kept: int = 100000,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Online hard example mining cross-entropy (FasterSeg's ``ProbOhemCrossEntropy2d``).
 
@@ -47,6 +49,9 @@ def ohem_cross_entropy(
     ``kthvalue`` (the same value as the original's full ``argsort``). The selection carries no
     gradient; the gradient flows through the kept pixels' CE only. FasterSeg's settings:
     ``thresh=0.7``, ``min_kept = B*H*W // 16`` at full resolution (training).
+
+    ``weight`` (per-class, as ``F.cross_entropy``'s): the selection is unweighted, then the
+    kept pixels' CE is the weighted mean (:func:`cross_entropy`; a zero total weight: zero).
     """
     logits = logits.float()
     valid = target != ignore_index
@@ -54,7 +59,7 @@ def ohem_cross_entropy(
     if num_valid == 0:
         return _zero(logits)
     if num_valid < min_kept:
-        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+        return cross_entropy(logits, target, ignore_index=ignore_index, weight=weight)
     with torch.no_grad():
         safe = torch.where(valid, target, torch.zeros_like(target))
         prob = F.softmax(logits, dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
@@ -66,7 +71,100 @@ def ohem_cross_entropy(
     if not bool(kept.any()):
         return _zero(logits)
     hard = torch.where(kept, target, torch.full_like(target, ignore_index))
-    return F.cross_entropy(logits, hard, ignore_index=ignore_index)
+    return cross_entropy(logits, hard, ignore_index=ignore_index, weight=weight)
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(logits.float(), target, weight=weight, ignore_index=ignore_index)``:
+    the mean over valid pixels of ``-w[t] log p_t``, divided by ``sum w[t]``. With ``weight``,
+    a zero total weight of the valid pixels (all ignored, or only zero-weight classes) gives a
+    zero in the graph instead of torch's NaN (as the fused upsampling path does)."""
+    logits = logits.float()
+    if weight is None:
+        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    weight = weight.to(device=logits.device, dtype=torch.float32)
+    valid = target != ignore_index
+    if not bool(weight[target[valid]].sum() > 0):
+        return _zero(logits)
+    return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index)
+
+
+DICE_SMOOTH = 1.0  # added to the numerator and denominator of every class's Dice
+
+
+def dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int,
+    weight: torch.Tensor | None = None,
+    smooth: float = DICE_SMOOTH,
+) -> torch.Tensor:
+    """Soft multi-class Dice loss on softmax probabilities, over the non-ignored pixels.
+
+    With ``p = softmax(logits)`` (float32) and ``y`` the one-hot target, summed over every
+    valid pixel of the whole batch: ``dice_c = (2 sum p_c y_c + smooth) / (sum p_c + sum y_c
+    + smooth)`` and the loss is ``1 - sum_c w_c dice_c / sum_c w_c``, a mean over *all* C
+    classes (``w`` = 1, or the per-class ``weight``); a class absent from the batch counts
+    through its predicted mass (``dice_c = smooth / (sum p_c + smooth)``). ``smooth`` = 1
+    keeps empty classes finite. No valid pixel: every ``dice_c`` is 1, the loss a zero in the
+    graph; a zero total weight: zero.
+    """
+    logits = logits.float()
+    num_classes = logits.shape[1]
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    prob = F.softmax(logits, dim=1) * valid.unsqueeze(1)
+    p_true = prob.gather(1, safe.unsqueeze(1)).squeeze(1)
+    flat_valid = valid.reshape(-1)
+    labels = safe.reshape(-1)[flat_valid]
+    inter = torch.zeros(num_classes, dtype=prob.dtype, device=prob.device)
+    inter = inter.index_add(0, labels, p_true.reshape(-1)[flat_valid])
+    counts = torch.bincount(labels, minlength=num_classes).to(prob.dtype)
+    mass = prob.transpose(0, 1).reshape(num_classes, -1).sum(dim=1)
+    dice = (2 * inter + smooth) / (mass + counts + smooth)
+    if weight is None:
+        return 1 - dice.mean()
+    weight = weight.to(device=logits.device, dtype=torch.float32)
+    total = weight.sum()
+    if not bool(total > 0):
+        return _zero(logits)
+    return 1 - (weight * dice).sum() / total
+
+
+def focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int,
+    gamma: float = 2.0,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Focal loss (Lin et al.) ``-a_t (1 - p_t)^gamma log p_t``, ``p_t`` the float32 softmax
+    probability of the true class, averaged over the valid pixels weighted by ``a_t``:
+    ``sum a_t FL / sum a_t``, with ``a_t = weight[t]`` (the class weights as alpha) or 1. So
+    ``gamma = 0`` is exactly the (weighted) cross-entropy. No valid pixel or a zero total
+    weight: a zero in the graph.
+    """
+    logits = logits.float()
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    log_p = F.log_softmax(logits, dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
+    one_minus = (-torch.expm1(log_p)).clamp_min(torch.finfo(log_p.dtype).tiny)  # 1 - p_t
+    pixel = -one_minus.pow(gamma) * log_p if gamma != 0 else -log_p
+    if weight is None:
+        alpha = valid.to(pixel.dtype)
+    else:
+        alpha = weight.to(device=logits.device, dtype=torch.float32)[safe] * valid
+    norm = alpha.sum()
+    positive = norm > 0
+    return torch.where(positive, (pixel * alpha).sum() / torch.where(positive, norm, 1.0), 0.0)
 
 
 def segmentation_loss(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from leanseg.errors import LeansegError
@@ -141,15 +142,27 @@ def truncate_metrics(path: Path, iteration: int) -> int:
 
     A partial last line (a write cut by ``kill -9``) is dropped too.
     """
+
+    def keep(line: str) -> bool:
+        return int(json.loads(line)["iteration"]) <= iteration
+
+    return drop_lines(path, keep)
+
+
+def drop_lines(path: Path, keep: Callable[[str], bool], *, header: int = 0) -> int:
+    """Rewrite ``path`` (atomically) without the lines after the first ``header`` ones that
+    ``keep`` rejects or fails on (ValueError, KeyError, TypeError, IndexError: a partial line);
+    returns the lines dropped. A missing file drops nothing."""
     if not path.is_file():
         return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    kept, dropped = lines[:header], 0
+    for line in lines[header:]:
         try:
-            keep = int(json.loads(line)["iteration"]) <= iteration
-        except (ValueError, KeyError, TypeError):
-            keep = False
-        if keep:
+            wanted = keep(line)
+        except (ValueError, KeyError, TypeError, IndexError):
+            wanted = False
+        if wanted:
             kept.append(line)
         else:
             dropped += 1

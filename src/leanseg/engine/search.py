@@ -36,8 +36,8 @@ from leanseg.data.build import build_datasets, train_loader, val_loader
 from leanseg.engine.metrics import ConfusionMatrix
 from leanseg.engine.objective import loss_criterion
 from leanseg.engine.progress_log import bar_wanted
-from leanseg.engine.run_dir import truncate_metrics, write_text_atomic
-from leanseg.engine.run_log import RunLog
+from leanseg.engine.run_dir import write_text_atomic
+from leanseg.engine.run_log import RunLog, check_loggers, open_run_log
 from leanseg.engine.runtime import rng_state, seed_everything, select_device, set_rng_state
 from leanseg.engine.stop_signal import StopOnSignal
 from leanseg.engine.trainer import Interrupted, TrainingDiverged
@@ -75,6 +75,8 @@ class _Split(Subset):
     """A Subset that keeps the dataset's class names and palette, and takes the resumable
     sampler's ``(index, seed)`` items."""
 
+    seeded_items = True  # takes the training sampler's (index, seed) items
+
     def __getitem__(self, item: Any) -> Any:
         if isinstance(item, tuple):
             return self.dataset[(self.indices[item[0]], *item[1:])]
@@ -103,6 +105,7 @@ class Searcher:
         """Nothing is written before :meth:`fit`; a missing or mismatched latency table fails
         before the data is read."""
         self.cfg, self.run_dir, self.progress = cfg, run_dir, bar_wanted(progress)
+        self.loggers = check_loggers(cfg.train.loggers)  # before any work
         s = cfg.search
         self.device = select_device(cfg.train.device)
         seed_everything(cfg.train.seed)
@@ -423,10 +426,7 @@ class Searcher:
 
     # -- logs and checkpoints -----------------------------------------------------------------
     def open_log(self) -> None:
-        truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-        self.log = RunLog(
-            self.run_dir, tensorboard=self.cfg.train.tensorboard, purge_step=self.step or None
-        )
+        self.log = open_run_log(self.run_dir, self.loggers, start=self.step, enabled=True)
 
     def _log_train(self, elapsed: float) -> None:
         window, self.log_window = self.log_window, []

@@ -11,28 +11,20 @@ import torch
 from torch import nn
 
 from leanseg.checkpoint import load_checkpoint, model_from_checkpoint
-from leanseg.data.cifar10 import CIFAR_MEAN, CIFAR_STD
-from leanseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from leanseg.data.normalization import Stats, recorded_normalization
 from leanseg.errors import CheckpointError, ConfigError
 from leanseg.models import build_model
+from leanseg.models.base import model_outputs
 
-Stats = tuple[tuple[float, ...], tuple[float, ...]]
-
-
-def recorded_normalization(payload: dict[str, Any]) -> Stats:
-    """The ``(mean, std)`` a checkpoint's model was trained on, in [0, 1] RGB units.
-
-    The config has no normalisation keys: the data pipeline fixes it by ``data.dataset``
-    (``cifar10``: CIFAR-10 statistics, every other dataset: ImageNet's). ``data.mean`` /
-    ``data.std`` are read first should a config record them; a checkpoint without a config
-    (not written by the trainer) is taken to use the ImageNet default.
-    """
-    data = payload.get("config", {}).get("data", {})
-    if data.get("mean") is not None and data.get("std") is not None:
-        return tuple(map(float, data["mean"])), tuple(map(float, data["std"]))
-    if data.get("dataset") == "cifar10":
-        return CIFAR_MEAN, CIFAR_STD
-    return IMAGENET_MEAN, IMAGENET_STD
+__all__ = [
+    "Stats",
+    "configured_teacher",
+    "freeze",
+    "load_teacher",
+    "recorded_normalization",  # lives in leanseg.data.normalization; kept importable here
+    "stand_in_teacher",
+    "teacher_logits",
+]
 
 
 def _same(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -67,7 +59,7 @@ def load_teacher(
         raise CheckpointError(
             f"teacher checkpoint '{path}' was trained on inputs normalised with mean {t_mean} "
             f"std {t_std}, the student's are mean {tuple(mean)} std {tuple(std)}: use a teacher "
-            "trained with the student's data normalisation (same data.dataset)"
+            "trained with the student's data normalisation (same data.dataset, data.mean, data.std)"
         )
     return freeze(model_from_checkpoint(payload, str(path)), device)
 
@@ -114,4 +106,4 @@ def teacher_logits(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """
     teacher.eval()
     with torch.no_grad():
-        return teacher(images)["out"]
+        return model_outputs(teacher(images))["out"]

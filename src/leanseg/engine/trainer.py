@@ -7,6 +7,7 @@ replaces it to inject faults).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ from leanseg.checkpoint import (
 )
 from leanseg.config import Config, inference_options, to_dict
 from leanseg.data.build import build_datasets, dataset_num_classes, train_loader, val_loader
+from leanseg.data.normalization import data_normalization
 from leanseg.engine.compile import compile_or_eager
 from leanseg.engine.distributed import any_rank, barrier, current, process_device, wrap_model
+from leanseg.engine.ema import ModelEma
 from leanseg.engine.evaluate import NonFiniteOutputError, evaluate
 from leanseg.engine.losses import distillation_loss, segmentation_loss
 from leanseg.engine.metrics import ConfusionMatrix, SegMetrics
@@ -40,9 +43,8 @@ from leanseg.engine.objective import (
 from leanseg.engine.optim import build_optimizer, lr_factor, set_lr
 from leanseg.engine.precision import resolve_compute
 from leanseg.engine.progress_log import PlainProgress, bar_wanted
-from leanseg.engine.run_dir import truncate_metrics
 from leanseg.engine.run_facts import write_samples
-from leanseg.engine.run_log import RunLog
+from leanseg.engine.run_log import RunLog, check_loggers, open_run_log
 from leanseg.engine.runtime import (
     rng_state,
     seed_everything,
@@ -55,7 +57,7 @@ from leanseg.errors import DataError, LeansegError
 from leanseg.methods import acosp, backrazor
 from leanseg.models import build_model
 from leanseg.models import model_options as accepted_options
-from leanseg.models.base import set_training_logits_upsampled
+from leanseg.models.base import model_outputs, set_training_logits_upsampled
 from leanseg.models.pretrained import load_pretrained
 from leanseg.viz import prediction_panels
 
@@ -92,7 +94,7 @@ def acosp_schedule(cfg: Config, train_size: int, world_size: int) -> acosp.MaskS
     """The config's ACoSP mask schedule (None when ACoSP is off)."""
     if cfg.acosp.sparsity is None:
         return None
-    per_epoch = max(train_size // (cfg.data.batch_size * world_size), 1)
+    per_epoch = max(train_size // (cfg.data.batch_size * world_size * cfg.train.accumulate), 1)
     total = (
         cfg.train.iterations
         if cfg.acosp.unit == "iteration"
@@ -143,6 +145,7 @@ class Trainer:
         """
         self.cfg, self.run_dir = cfg, run_dir
         self.dist = current()
+        self.loggers = check_loggers(cfg.train.loggers)  # before any work
         self.progress = bar_wanted(progress) if self.dist.is_main else False
         self.device = process_device(select_device(cfg.train.device), self.dist)
         seed_everything(cfg.train.seed)
@@ -159,11 +162,15 @@ class Trainer:
             set_training_logits_upsampled(model, False)
         align_corners = bool(getattr(model, "align_corners", False))
         self.loss_weights = loss_weights(cfg)
-        self.criterion = loss_criterion(cfg, align_corners)
+        self.criterion = loss_criterion(cfg, align_corners, num_classes=num_classes)
         self.outputs_checked = self._check_outputs(model)  # on the CPU, before any data
         self.teacher = self._teacher(teacher, num_classes)
         if not self.dist.is_main:
-            barrier(self.dist)  # rank 0 prepares (e.g. generates) the data first
+            barrier(self.dist)  # rank 0 downloads the weights and prepares the data first
+        if cfg.model.pretrained:  # before the data: a missing or undownloadable file fails fast
+            report = load_pretrained(model, cfg.model.pretrained, model_name=cfg.model.name)
+            if self.dist.is_main:
+                tqdm.write(f"pretrained weights: {report.summary()}")
         self.train_set, self.val_set = datasets or build_datasets(cfg.data)
         if self.dist.is_main:
             barrier(self.dist)
@@ -174,10 +181,6 @@ class Trainer:
             )
         self.num_classes = num_classes
         self.class_names = list(self.train_set.class_names)
-        if cfg.model.pretrained:
-            report = load_pretrained(model, cfg.model.pretrained)
-            if self.dist.is_main:
-                tqdm.write(f"pretrained weights: {report.summary()}")
         if cfg.acosp.sparsity is not None:  # before the optimizer: the scores are parameters
             acosp.apply(model, cfg.acosp.sparsity, cfg.acosp.min_keep, cfg.acosp.coupled_residual)
         self.mask_schedule = acosp_schedule(cfg, len(self.train_set), self.dist.world_size)
@@ -199,7 +202,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype == torch.float16
         )
+        # the weight average that validation and the checkpoints' state_dict use (train.ema)
+        self.ema = ModelEma(self.model, cfg.train.ema) if cfg.train.ema is not None else None
         self.iteration = 0
+        self.micro_batches = 0  # loader batches trained on (train.accumulate per iteration)
         self.best_miou = float("-inf")
         self.log_window: list[float] = []  # losses since the last train row of metrics.jsonl
         self.log: RunLog | None = None  # opened by fit(), so a failed start writes nothing
@@ -250,10 +256,12 @@ class Trainer:
         if not self.dist.is_main:
             return
         payload = self._payload()
+        weights = [payload["state_dict"], payload.get("train_state_dict", {})]
         bad = next(
             (
                 k
-                for k, v in payload["state_dict"].items()
+                for state in weights
+                for k, v in state.items()
                 if v.is_floating_point() and not torch.isfinite(v).all()
             ),
             None,
@@ -267,7 +275,17 @@ class Trainer:
         save_checkpoint(self.run_dir / name, payload)
 
     # -- checkpoints ---------------------------------------------------------------------------
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that validation, samples and the checkpoints' ``state_dict`` use: the
+        EMA with ``train.ema``, else the training model."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _payload(self) -> dict[str, Any]:
+        """What best.pt / last.pt hold. With ``train.ema``, ``state_dict`` is the EMA (what
+        eval / predict / export / a KD teacher load) and ``train_state_dict`` the raw weights
+        that resume continues from."""
+        raw = {"train_state_dict": self.model.state_dict()} if self.ema is not None else {}
         return {
             "model": self.cfg.model.name,
             "num_classes": self.num_classes,
@@ -275,19 +293,31 @@ class Trainer:
             "class_names": self.class_names,
             "palette": _palette_tensor(self.train_set),
             "config": to_dict(self.cfg),
-            "state_dict": self.model.state_dict(),
+            "state_dict": self.eval_model.state_dict(),
+            **raw,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "iteration": self.iteration,
+            "micro_batches": self.micro_batches,
             "best_miou": self.best_miou,
             "log_window": list(self.log_window),
             "rng": rng_state(),
         }
 
     def resume(self, checkpoint: Path) -> None:
-        """Continue exactly where ``checkpoint`` (a last.pt) stopped."""
+        """Continue exactly where ``checkpoint`` (a last.pt) stopped.
+
+        The raw weights are its ``train_state_dict`` when it has one (an EMA run), else its
+        ``state_dict``; with ``train.ema`` the average is its ``state_dict``, or starts at the
+        raw weights when the checkpoint had none.
+        """
         payload = load_checkpoint(checkpoint)
-        load_model_state(self.model, payload["state_dict"], str(checkpoint))
+        raw = payload.get("train_state_dict", payload["state_dict"])
+        load_model_state(self.model, raw, str(checkpoint))
+        if self.ema is not None:
+            had_ema = "train_state_dict" in payload
+            average = payload["state_dict"] if had_ema else self.model.state_dict()
+            load_model_state(self.ema.module, average, str(checkpoint))
         configured = [
             {k: v for k, v in group.items() if k != "params"}
             for group in self.optimizer.param_groups
@@ -297,21 +327,35 @@ class Trainer:
             group.update(settings)  # the config wins: optim.lr=... given with --resume applies
         self.scaler.load_state_dict(payload["scaler"])
         self.iteration = int(payload["iteration"])
+        saved_accumulate = payload.get("config", {}).get("train", {}).get("accumulate", 1)
+        self.micro_batches = int(payload.get("micro_batches", self.iteration * saved_accumulate))
         self.best_miou = float(payload["best_miou"])
         self.log_window = [float(v) for v in payload.get("log_window", [])]
         set_rng_state(payload["rng"])
 
     # -- loop ----------------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, masks: torch.Tensor) -> float:
-        """One forward/backward/update at the scheduled LR; returns the loss.
+    def train_step(
+        self,
+        images: torch.Tensor | list[torch.Tensor],
+        masks: torch.Tensor | list[torch.Tensor],
+    ) -> float:
+        """One optimizer step at the scheduled LR; returns the loss.
+
+        ``images`` / ``masks`` are one batch, or lists of the micro-batches of one accumulated
+        step (``train.accumulate``): each micro-batch's loss is divided by their count and
+        backpropagated (under DDP's ``no_sync`` but the last), so the step uses the mean of their
+        mean losses; the returned loss is that mean. ``optim.clip_grad_norm`` then clips the
+        (accumulated, unscaled) gradient, the optimizer steps and the EMA (``train.ema``)
+        follows.
 
         The loss is ``segmentation_loss`` over the model's outputs (``loss.weights``, CE or OHEM)
         plus ``distill.weight`` x the KD loss of the ``"out"`` logits against the frozen
         teacher's on the same (augmented) batch, under the same autocast.
 
         A non-finite loss stops training (:class:`TrainingDiverged`, nothing saved) or, with
-        ``train.on_nonfinite=skip``, skips the batch: no update, and the BatchNorm statistics
-        its forward moved are put back. Returns NaN for a skipped batch.
+        ``train.on_nonfinite=skip``, skips the whole step (all its micro-batches): no update,
+        and the BatchNorm statistics its forwards moved are put back. Returns NaN for a skipped
+        step.
         """
         cfg = self.cfg
         skip = cfg.train.on_nonfinite == "skip"
@@ -326,9 +370,51 @@ class Trainer:
             decay_every=cfg.optim.decay_every,
         )
         set_lr(self.optimizer, factor, cfg.optim.min_lr)
+        batches = (
+            list(zip(images, masks, strict=True)) if isinstance(images, list) else [(images, masks)]
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        total, finite = None, True
+        for index, (micro_images, micro_masks) in enumerate(batches):
+            last = index == len(batches) - 1
+            with self._no_sync(not last):
+                loss = self._micro_loss(micro_images, micro_masks)
+                finite = bool(any_rank(torch.isfinite(loss).logical_not(), self.dist).logical_not())
+                if not finite and not skip:
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at iteration {self.iteration + 1}: training "
+                        f"diverged and nothing of it was saved; {DIVERGENCE_FIX}{SKIP_HINT}"
+                    )
+                if not finite:
+                    break
+                self.scaler.scale(loss / len(batches)).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        if finite and skip and self.amp_dtype != torch.float16:  # fp16: the scaler skips inf
+            finite = _grads_finite(self.model, self.dist)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+            if self.dist.is_main:
+                tqdm.write(f"skipped batch of iteration {self.iteration + 1}: non-finite loss")
+            return float("nan")
+        if cfg.optim.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradient (a no-op but fp16)
+            grads = [p for p in self.model.parameters() if p.grad is not None]
+            nn.utils.clip_grad_norm_(grads, cfg.optim.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return (total / len(batches)).item()
+
+    def _micro_loss(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The training loss of one (micro-)batch: forward, segmentation loss and KD."""
+        cfg = self.cfg
         images = self.compute.images(images)
         with self.compute.autocast(self.device):
-            outputs = self.net(images)
+            outputs = model_outputs(self.net(images))
             target = teacher_logits(self.teacher, images) if self.teacher is not None else None
         if not self.outputs_checked:
             check_loss_weights(outputs, self.loss_weights, cfg.model.name)
@@ -348,28 +434,13 @@ class Trainer:
                 reduction=cfg.distill.reduction,
             )
             loss = loss + cfg.distill.weight * kd
-        finite = bool(any_rank(torch.isfinite(loss).logical_not(), self.dist).logical_not())
-        if not finite and not skip:
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at iteration {self.iteration + 1}: training diverged "
-                f"and nothing of it was saved; {DIVERGENCE_FIX}{SKIP_HINT}"
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        if finite:
-            self.scaler.scale(loss).backward()
-            if skip and self.amp_dtype != torch.float16:  # fp16: the scaler skips inf grads
-                finite = _grads_finite(self.model, self.dist)
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
-                    buffer.copy_(saved)
-            if self.dist.is_main:
-                tqdm.write(f"skipped batch of iteration {self.iteration + 1}: non-finite loss")
-            return float("nan")
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.item()
+        return loss
+
+    def _no_sync(self, wanted: bool) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync`` (gradients are reduced at the last micro-batch only) when
+        ``wanted`` and the model is DDP-wrapped; otherwise nothing."""
+        no_sync = getattr(self.net, "no_sync", None)
+        return no_sync() if wanted and no_sync is not None else contextlib.nullcontext()
 
     def fit(self, stop_at: int | None = None) -> SegMetrics | None:
         """Train to ``train.iterations`` (or stop early at ``stop_at``, resumable from last.pt)."""
@@ -377,11 +448,12 @@ class Trainer:
         total = cfg.train.iterations
         end = min(total, stop_at) if stop_at is not None else total
         pin = self.device.type == "cuda"
-        loader = train_loader(
+        accumulate = cfg.train.accumulate
+        loader = train_loader(  # its "iterations" are micro-batches: accumulate per step
             self.train_set,
             cfg.data,
             seed=cfg.train.seed,
-            start_iteration=self.iteration,
+            start_iteration=self.micro_batches,
             pin_memory=pin,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
@@ -406,11 +478,12 @@ class Trainer:
                     if bool(any_rank(torch.tensor(stop.requested), self.dist)):
                         break
                     self._update_masks()
-                    images, masks = next(batches)
-                    images = images.to(self.device, non_blocking=pin)
-                    masks = masks.to(self.device, non_blocking=pin)
+                    micro = [next(batches) for _ in range(accumulate)]
+                    images = [i.to(self.device, non_blocking=pin) for i, _ in micro]
+                    masks = [m.to(self.device, non_blocking=pin) for _, m in micro]
                     loss = self.train_step(images, masks)
                     self.iteration += 1
+                    self.micro_batches += accumulate
                     if np.isfinite(loss):
                         self.log_window.append(loss)
                     bar.update(1)
@@ -428,6 +501,8 @@ class Trainer:
                 if self.iteration < total:  # stopped early: leave a resumable checkpoint
                     self._save("last.pt")
                 elif self.mask_schedule is not None and acosp.harden(self.model):
+                    if self.ema is not None:
+                        self.ema.copy_buffers(self.model)  # the hard masks
                     self._save("last.pt")  # masks still soft at the end (acosp.end past the run)
             finally:
                 bar.close()
@@ -439,15 +514,11 @@ class Trainer:
         return metrics
 
     def open_log(self) -> None:
-        """Open metrics.jsonl / tensorboard, dropping what a previous process logged past the
-        iteration this run starts from (replayed iterations are logged once)."""
-        if self.dist.is_main:
-            truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
-        self.log = RunLog(
-            self.run_dir,
-            tensorboard=self.cfg.train.tensorboard,
-            enabled=self.dist.is_main,
-            purge_step=self.iteration or None,
+        """Open metrics.jsonl and the ``train.loggers`` (tensorboard, csv), dropping what a
+        previous process logged past the iteration this run starts from (replayed iterations
+        are logged once)."""
+        self.log = open_run_log(
+            self.run_dir, self.loggers, start=self.iteration, enabled=self.dist.is_main
         )
 
     def _log_train(self, lr: float, elapsed: float) -> float:
@@ -460,11 +531,13 @@ class Trainer:
 
     @property
     def images_per_iteration(self) -> int:
-        """Training images of one iteration, over all processes."""
-        return self.cfg.data.batch_size * self.dist.world_size
+        """Training images of one iteration (one optimizer step), over all processes and
+        micro-batches: ``data.batch_size x processes x train.accumulate``."""
+        return self.cfg.data.batch_size * self.dist.world_size * self.cfg.train.accumulate
 
     def validate(self) -> SegMetrics:
-        """Evaluate on the val split, log, and write last.pt (and best.pt on a new best mIoU)."""
+        """Evaluate on the val split (the EMA weights with ``train.ema``), log, and write
+        last.pt (and best.pt on a new best mIoU)."""
         cfg = self.cfg
         loader = val_loader(
             self.val_set,
@@ -475,7 +548,7 @@ class Trainer:
         )
         try:
             matrix = evaluate(
-                self.model,
+                self.eval_model,
                 loader,
                 num_classes=self.num_classes,
                 ignore_index=cfg.data.ignore_index,
@@ -518,7 +591,10 @@ class Trainer:
         samples = [self.val_set[i] for i in range(count)]
         if samples[0][1].ndim < 2:  # classification targets: nothing to paint
             return
-        panels = prediction_panels(self.model, samples, self.device, self.val_set.palette)
+        normalization = data_normalization(self.cfg.data)
+        panels = prediction_panels(
+            self.eval_model, samples, self.device, self.val_set.palette, normalization
+        )
         self.log.images("val/samples", panels, self.iteration)
         write_samples(self.run_dir, panels)
 

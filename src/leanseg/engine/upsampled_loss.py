@@ -31,7 +31,12 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 CHUNK_BYTES = 8 << 20  # the size of one chunk's B x C x rows x W temporary when chunk_rows=None
 
-__all__ = ["UpsampledCrossEntropy", "interpolation_matrix", "upsampled_cross_entropy"]
+__all__ = [
+    "UpsampledCrossEntropy",
+    "interpolation_matrix",
+    "no_autocast",
+    "upsampled_cross_entropy",
+]
 
 
 @functools.lru_cache(maxsize=128)
@@ -109,11 +114,14 @@ def _chunks(in_h: int, out_h: int, align_corners: bool, rows: int) -> list[tuple
     return [(r0, r1, int(i0[r0]), int(i1[r1 - 1]) + 1) for r0, r1 in bounds]
 
 
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Autocast off for ``device`` (our matmuls must stay in the compute dtype)."""
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off for ``device`` (our matmuls, and the losses, stay in the compute dtype)."""
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+_no_autocast = no_autocast  # the name this module used first
 
 
 def _upsample_rows(x: Tensor, a_h: Tensor, a_w_t: Tensor, chunk: tuple[int, ...]) -> Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -63,6 +63,22 @@ def aux_head(
     head = fcn_head(backbone.aux_channels, num_classes, norm_layer, conv_layer, **head_options)
     init_weights_(head)
     return head
+
+
+def model_outputs(output: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A model's output as leanseg reads it: a dict with ``"out"`` (and e.g. ``"aux"``) logits.
+
+    A model that returns a plain tensor of logits (a user's own model) gives ``{"out": it}``.
+    """
+    if isinstance(output, Tensor):
+        return {"out": output}
+    if isinstance(output, Mapping) and isinstance(output.get("out"), Tensor):
+        return dict(output)
+    what = f"a dict with keys {sorted(output)}" if isinstance(output, Mapping) else type(output)
+    raise ConfigError(
+        f"the model returned {what}; a segmentation model returns its logits (B x K x H x W), "
+        "or a dict of them with the key 'out'"
+    )
 
 
 def set_training_logits_upsampled(model: nn.Module, upsampled: bool) -> int:
