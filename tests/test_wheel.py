@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -50,10 +51,19 @@ def test_the_wheel_holds_every_recipe_and_data_file(wheel):
 
 def test_an_installed_wheel_lists_and_dry_runs_a_recipe(wheel, tmp_path):
     env = tmp_path / "venv"
-    # torch and the other dependencies come from this interpreter's site-packages; leanseg
-    # itself only from the wheel (checked below, since this environment has it editable)
-    venv.create(env, system_site_packages=True, with_pip=True)
+    venv.create(env, with_pip=True)
     python = env / "bin" / "python"
+    # torch and the other dependencies come from this environment's site-packages, listed in a
+    # .pth file (whose own .pth files, such as an editable leanseg's, are not run); leanseg
+    # itself comes only from the wheel (checked below)
+    inner = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    outer = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    Path(inner, "outer_environment.pth").write_text("".join(f"{p}\n" for p in sorted(outer)))
     subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
         check=True,
