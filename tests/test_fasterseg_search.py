@@ -641,3 +641,33 @@ def test_cli_search_lut_measures_every_key(tmp_path, capsys):
 )
 def test_adapt_lambda(fps, expected):
     assert adapt_lambda(1.0, fps, 155.0, 175.0) == expected
+
+
+class PlainIndexDataset(torch.utils.data.Dataset):
+    """A user's dataset: plain indices, a random flip from torch's global generator."""
+
+    def __init__(self, base: torch.utils.data.Dataset) -> None:
+        self.base = base
+        self.num_classes, self.class_names = base.num_classes, base.class_names
+        self.palette = base.palette
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.base[(int(index), [0])]  # one fixed crop: its randomness is below
+        if torch.rand(()) < 0.5:
+            image, mask = image.flip(-1), mask.flip(-1)
+        return image, mask
+
+
+def test_a_plain_index_dataset_is_searched_with_seeded_samples(files, tmp_path):
+    cfg = load_config(None, search_args(files, tmp_path / "work"))
+    train, val = build_datasets(cfg.data)
+    searcher = Searcher(cfg, None, progress=False, datasets=(PlainIndexDataset(train), val))
+    item = (0, [cfg.train.seed, 0, 0])
+    first, again = searcher.split_a[item], searcher.split_a[item]  # a sampler's item, twice
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    column = [searcher.split_a[(0, [cfg.train.seed, 0, p])][0][..., 0] for p in range(12)]
+    flips = {c.sum().item() for c in column}  # the first column: the flip moves it
+    assert len(flips) == 2, "the seed of the item decides the flip"

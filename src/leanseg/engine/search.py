@@ -33,6 +33,7 @@ from tqdm import tqdm
 from leanseg.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from leanseg.config import Config, to_dict
 from leanseg.data.build import build_datasets, train_loader, val_loader
+from leanseg.data.sampler import seeded
 from leanseg.engine.metrics import ConfusionMatrix
 from leanseg.engine.objective import loss_criterion
 from leanseg.engine.progress_log import bar_wanted
@@ -123,7 +124,8 @@ class Searcher:
             )
         if self.table is not None:  # the derived networks' heads, before any step
             check_table(self.table, head_keys(self.space, self.latency_size, self.num_classes))
-        self.split_a, self.split_b = _Split(self.train_set, half_a), _Split(self.train_set, half_b)
+        base = seeded(self.train_set)  # a dataset of plain indices: seeded per sample
+        self.split_a, self.split_b = _Split(base, half_a), _Split(base, half_b)
         self.supernet = Supernet(self.num_classes, self.space).to(self.device)
         self.latency = (
             SupernetLatency(
