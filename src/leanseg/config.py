@@ -65,20 +65,6 @@ class DataConfig:
     saturation: float = 0.0  # factor ~ U(max(0, 1 - s), 1 + s)
     hue: float = 0.0  # hue shift ~ U(-h, h) of a full turn, h <= 0.5
 
-    def __post_init__(self) -> None:
-        for key in ("mean", "std"):
-            value = getattr(self, key)
-            for index, item in enumerate(value or ()):
-                if not math.isfinite(item):  # as validate() says, before the length
-                    raise ConfigError(
-                        f"config key 'data.{key}[{index}]': must be a finite number, got {item}"
-                    )
-            if value is not None and len(value) != 3:
-                raise ConfigError(
-                    f"config key 'data.{key}': got {len(value)} values {list(value)}; give 3 "
-                    f"(R, G, B in [0, 1] units), e.g. data.{key}=[0.5, 0.5, 0.5], or null"
-                )
-
 
 @dataclass
 class ModelConfig:
@@ -627,6 +613,7 @@ def validate(cfg: Config) -> None:
                 f"config key '{key}': {get_key(cfg, key)!r} is not one of {list(choices)}"
             )
     _check_finite(cfg)
+    _check_normalization(cfg.data)
     for key, rule in RANGES.items():
         _check_range(key, get_key(cfg, key), rule)
     if cfg.data.scale_min > cfg.data.scale_max:
@@ -719,6 +706,17 @@ def _check_finite(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': must be a finite number, got {value}")
 
     walk("", cfg)
+
+
+def _check_normalization(cfg: DataConfig) -> None:
+    """``data.mean`` / ``data.std`` are null or three values (R, G, B)."""
+    for key in ("mean", "std"):
+        value = getattr(cfg, key)
+        if value is not None and len(value) != 3:
+            raise ConfigError(
+                f"config key 'data.{key}': got {len(value)} values {list(value)}; give 3 "
+                f"(R, G, B in [0, 1] units), e.g. data.{key}=[0.5, 0.5, 0.5], or null"
+            )
 
 
 def _check_loggers(loggers: list[str]) -> None:

@@ -139,9 +139,9 @@ def input_normalization(payload: dict[str, Any]) -> dict[str, Any]:
     float32 ``N x 3 x H x W`` tensor. The recorded ``data.mean`` / ``data.std``, else the
     dataset's (ImageNet statistics, CIFAR-10's for ``cifar10`` runs).
     """
-    from leanseg.data.normalization import recorded_normalization
+    from leanseg.data.normalization import data_normalization
 
-    mean, std = recorded_normalization({"config": _config(payload)})
+    mean, std = data_normalization(_config(payload).get("data", {}))
     return {
         "color_order": "RGB",
         "pixel_range": "0-255 (uint8)",

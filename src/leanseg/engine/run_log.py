@@ -46,9 +46,13 @@ def truncate_csv(path: Path, iteration: int) -> int:
 
     A partial last row (a write cut by ``kill -9``) is dropped too.
     """
-    if not path.is_file() or not path.read_text():
+    if not path.is_file():
         return 0
-    width = len(next(csv.reader([path.read_text().splitlines()[0]])))
+    with path.open(newline="") as handle:
+        header = next(csv.reader(handle), None)
+    if header is None:  # an empty file
+        return 0
+    width = len(header)
 
     def keep(line: str) -> bool:
         row = next(csv.reader([line]), [])

@@ -11,20 +11,10 @@ import torch
 from torch import nn
 
 from leanseg.checkpoint import load_checkpoint, model_from_checkpoint
-from leanseg.data.normalization import Stats, recorded_normalization
+from leanseg.data.normalization import data_normalization, recorded_normalization
 from leanseg.errors import CheckpointError, ConfigError
 from leanseg.models import build_model
 from leanseg.models.base import model_outputs
-
-__all__ = [
-    "Stats",
-    "configured_teacher",
-    "freeze",
-    "load_teacher",
-    "recorded_normalization",  # lives in leanseg.data.normalization; kept importable here
-    "stand_in_teacher",
-    "teacher_logits",
-]
 
 
 def _same(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -95,7 +85,7 @@ def configured_teacher(
             "teacher first and point distill.teacher at its last.pt (or best.pt), or set "
             "distill.teacher=null to train without distillation"
         )
-    mean, std = recorded_normalization({"config": student_config})
+    mean, std = data_normalization(student_config.get("data", {}))
     return load_teacher(path, num_classes=num_classes, mean=mean, std=std, device=device)
 
 

@@ -121,9 +121,6 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-_no_autocast = no_autocast  # the name this module used first
-
-
 def _upsample_rows(x: Tensor, a_h: Tensor, a_w_t: Tensor, chunk: tuple[int, ...]) -> Tensor:
     """Rows ``r0:r1`` of ``A_h @ x @ A_w^T``: ``B x C x (r1 - r0) x W``."""
     r0, r1, lo, hi = chunk
@@ -152,7 +149,7 @@ class UpsampledCrossEntropy(torch.autograd.Function):
         out_h, out_w = target.shape[-2:]
         cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         device = logits.device
-        with _no_autocast(device):
+        with no_autocast(device):
             x = logits.to(cdtype)
             a_h = interpolation_matrix(h, out_h, align_corners=align_corners, dtype=cdtype)
             a_h = a_h.to(device)
@@ -214,7 +211,7 @@ class UpsampledCrossEntropy(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None, *none)
         cdtype = ctx.cdtype
-        with _no_autocast(logits.device):
+        with no_autocast(logits.device):
             x = logits.to(cdtype)
             a_w_t = a_w.t().contiguous()
             positive = norm > 0
